@@ -1,1 +1,125 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+use shardvisor::cli::{Cli, Command, LogFormat, RunArgs, SimArgs};
+use shardvisor::config::{Config, Overrides};
+use shardvisor::logging;
+use shardvisor::run::Service;
+use shardvisor::sim::Simulator;
+
+/// Exit status for a usage or configuration error (EX_USAGE of sysexits.h).
+const EXIT_USAGE: u8 = 64;
+
+/// Exit status for a run that did not come up cleanly.
+const EXIT_UNSTABLE: u8 = 1;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run_service(args, cli.log_format).await,
+        Command::Sim(args) => {
+            logging::init(cli.log_format.unwrap_or(LogFormat::Human));
+            run_simulator(args).await
+        }
+    }
+}
+
+/// Runs the service until a stop signal, or until the summary with `--exit-when-stable`.
+async fn run_service(args: RunArgs, log_format: Option<LogFormat>) -> ExitCode {
+    let overrides = Overrides {
+        name: args.name.clone(),
+        shards: args.shards,
+        start: args.start,
+        stop: args.stop,
+    };
+    let config = match Config::load(args.config.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("error: the configuration is invalid:\n{errors}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let format = log_format.unwrap_or(if config.json_logs {
+        LogFormat::Json
+    } else {
+        LogFormat::Human
+    });
+    logging::init(format);
+
+    let service = match Service::start(config).await {
+        Ok(service) => service,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let summary = service.wait_until_stable().await;
+    println!("{}", summary.line());
+
+    if !args.exit_when_stable {
+        println!("serving; press Ctrl-C to save every session and stop");
+        wait_for_stop_signal().await;
+    }
+    service.shutdown().await;
+    if summary.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_UNSTABLE)
+    }
+}
+
+/// Runs the simulator until Ctrl-C or SIGTERM, then prints the report.
+async fn run_simulator(args: SimArgs) -> ExitCode {
+    let config = match args.to_config() {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let guilds = config.world.guilds;
+    let simulator = match Simulator::start(config).await {
+        Ok(simulator) => simulator,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+
+    let config = simulator.config();
+    println!("simulator api={}/gateway/bot", simulator.api_url());
+    println!(
+        "simulator gateway={}/?v=10&encoding=json[&compress=zlib-stream]",
+        simulator.gateway_url()
+    );
+    println!("simulator resume_gateway_url={}", simulator.resume_url());
+    println!(
+        "simulator shards={} max_concurrency={} guilds={guilds} identify_window={:?} heartbeat_interval={:?}",
+        config.shards, config.max_concurrency, config.identify_window, config.heartbeat_interval
+    );
+    println!("simulator running; press Ctrl-C to stop and print the report");
+
+    wait_for_stop_signal().await;
+    let report = simulator.shutdown().await;
+    let json = serde_json::to_string_pretty(&report).expect("the report serializes");
+    if let Some(path) = &args.report {
+        if let Err(error) = std::fs::write(path, &json) {
+            eprintln!(
+                "error: failed to write the report to {}: {error}",
+                path.display()
+            );
+        }
+    }
+    println!("{json}");
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_stop_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler succeeds on Unix");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}

@@ -1,0 +1,486 @@
+//! The IdentifyCoordinator: grants the identify lease of a bucket to one shard at a time and
+//! frees the bucket on its own timer.
+//!
+//! Discord accepts one IDENTIFY per bucket (`shard_id % max_concurrency`) per 5 seconds. A shard
+//! dials and reads HELLO first, then asks for its bucket's lease, calls
+//! [`CoordinatorMsg::BeginIdentify`] and sends IDENTIFY. The coordinator releases the bucket
+//! `pacing + grace` after that call, whether READY arrived or not, so a slow READY never wedges a
+//! bucket. A holder that stops or hands the lease back before IDENTIFY frees the bucket at once.
+//! The release timer belongs to the coordinator: a restarted shard cannot carry it along, and a
+//! timer of an old lease finds a newer lease id and does nothing.
+
+mod backend;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::task::JoinHandle;
+
+pub use backend::{BackendLock, IdentifyBackend, InProcessBackend};
+
+use crate::store::PortError;
+
+/// The right to send one IDENTIFY in a bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// Unique for the coordinator's lifetime; timers and messages name the lease they are for.
+    pub id: u64,
+    pub bucket: u32,
+}
+
+/// Settings of the coordinator.
+#[derive(Clone)]
+pub struct CoordinatorArgs {
+    pub max_concurrency: u32,
+    /// How long a bucket stays held after IDENTIFY; Discord's window is 5 s.
+    pub pacing: Duration,
+    /// Added to `pacing` to absorb clock and network jitter between this process and Discord.
+    pub grace: Duration,
+    /// A lease whose holder has not called `BeginIdentify` after this long is taken back.
+    pub unsent_timeout: Duration,
+    /// First delay before retrying a backend that failed; doubles up to 30 s.
+    pub backend_retry: Duration,
+    pub backend: Arc<dyn IdentifyBackend>,
+}
+
+/// One bucket in the status output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BucketStatus {
+    pub bucket: u32,
+    /// Shard holding the lease, if any.
+    pub holder: Option<u32>,
+    /// `true` once the holder sent IDENTIFY (the bucket then frees on the timer).
+    pub sent: bool,
+    /// Milliseconds the lease has been held.
+    pub held_ms: Option<u64>,
+    /// Waiting shards, in the order they will be served.
+    pub waiting: Vec<u32>,
+    /// Leases granted in this bucket so far.
+    pub granted: u64,
+}
+
+/// Messages of the coordinator.
+pub enum CoordinatorMsg {
+    /// Ask for the lease of a shard's bucket. The reply comes when it is granted; a requester
+    /// that is gone by then (its reply port closed) is skipped.
+    Acquire {
+        shard: u32,
+        holder: ActorId,
+        reply: RpcReplyPort<Lease>,
+    },
+    /// The holder is about to send IDENTIFY: replies `true` and starts the release timer if the
+    /// lease is still held (in this process and in the backend), `false` otherwise, in which case
+    /// IDENTIFY must not be sent.
+    BeginIdentify {
+        lease: Lease,
+        reply: RpcReplyPort<bool>,
+    },
+    /// The holder gives back a lease it did not use. Ignored once IDENTIFY was begun: the bucket
+    /// then frees only on the timer.
+    Release { lease: Lease },
+    /// An actor stopped: its waits are dropped and an unused lease it held is freed.
+    HolderStopped { holder: ActorId },
+    /// Report every bucket.
+    Status(RpcReplyPort<Vec<BucketStatus>>),
+    /// Internal: the backend answered an acquire.
+    BackendAcquired {
+        bucket: u32,
+        result: Result<BackendLock, String>,
+    },
+    /// Internal: retry a bucket whose backend acquire failed.
+    Retry { bucket: u32 },
+    /// Internal: the pacing window of a lease ended.
+    PacingElapsed { lease: Lease },
+    /// Internal: a lease was held too long without IDENTIFY.
+    UnsentElapsed { lease: Lease },
+}
+
+struct Waiter {
+    holder: ActorId,
+    reply: RpcReplyPort<Lease>,
+}
+
+struct Holding {
+    lease: Lease,
+    shard: u32,
+    holder: ActorId,
+    since: Instant,
+    sent: bool,
+    lock: BackendLock,
+    /// The pending timer of this lease, aborted when the lease ends first.
+    timer: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Bucket {
+    /// Waiters keyed by (shard, arrival), so shards are served in shard order.
+    waiters: BTreeMap<(u32, u64), Waiter>,
+    holding: Option<Holding>,
+    /// A backend acquire is in flight.
+    acquiring: Option<JoinHandle<()>>,
+    failures: u32,
+    granted: u64,
+}
+
+/// State of the coordinator.
+pub struct CoordinatorState {
+    args: CoordinatorArgs,
+    buckets: Vec<Bucket>,
+    next_lease: u64,
+    next_arrival: u64,
+    /// Buckets whose backend is failing, so an outage is logged once, not per retry.
+    failing: HashMap<u32, Instant>,
+}
+
+/// The IdentifyCoordinator actor.
+pub struct IdentifyCoordinator;
+
+impl Actor for IdentifyCoordinator {
+    type Msg = CoordinatorMsg;
+    type State = CoordinatorState;
+    type Arguments = CoordinatorArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: CoordinatorArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        if args.max_concurrency == 0 {
+            return Err("max_concurrency must be at least 1".into());
+        }
+        tracing::info!(
+            backend = args.backend.name(),
+            buckets = args.max_concurrency,
+            pacing_ms = args.pacing.as_millis() as u64,
+            grace_ms = args.grace.as_millis() as u64,
+            "identify coordinator started"
+        );
+        Ok(CoordinatorState {
+            buckets: (0..args.max_concurrency)
+                .map(|_| Bucket::default())
+                .collect(),
+            args,
+            next_lease: 1,
+            next_arrival: 0,
+            failing: HashMap::new(),
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        for bucket in &mut state.buckets {
+            if let Some(task) = bucket.acquiring.take() {
+                task.abort();
+            }
+            if let Some(holding) = bucket.holding.take() {
+                if let Some(timer) = holding.timer {
+                    timer.abort();
+                }
+                let _ = state.args.backend.release(holding.lock).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            CoordinatorMsg::Acquire {
+                shard,
+                holder,
+                reply,
+            } => state.enqueue(&myself, shard, holder, reply),
+            CoordinatorMsg::BeginIdentify { lease, reply } => {
+                let held = state.begin_identify(&myself, lease).await;
+                let _ = reply.send(held);
+            }
+            CoordinatorMsg::Release { lease } => {
+                state.release_unsent(&myself, lease, "handed back")
+            }
+            CoordinatorMsg::HolderStopped { holder } => state.holder_stopped(&myself, holder),
+            CoordinatorMsg::Status(reply) => {
+                let _ = reply.send(state.status());
+            }
+            CoordinatorMsg::BackendAcquired { bucket, result } => {
+                state.backend_acquired(&myself, bucket, result);
+            }
+            CoordinatorMsg::Retry { bucket } => state.pump(&myself, bucket),
+            CoordinatorMsg::PacingElapsed { lease } => state.pacing_elapsed(&myself, lease),
+            CoordinatorMsg::UnsentElapsed { lease } => {
+                state.release_unsent(&myself, lease, "not used in time");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CoordinatorState {
+    fn enqueue(
+        &mut self,
+        myself: &ActorRef<CoordinatorMsg>,
+        shard: u32,
+        holder: ActorId,
+        reply: RpcReplyPort<Lease>,
+    ) {
+        let bucket = crate::gateway::identify_bucket(shard, self.args.max_concurrency);
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        tracing::debug!(shard, bucket, "lease requested");
+        self.buckets[bucket as usize]
+            .waiters
+            .insert((shard, arrival), Waiter { holder, reply });
+        self.pump(myself, bucket);
+    }
+
+    /// Starts a backend acquire for a bucket that is free and has waiters.
+    fn pump(&mut self, myself: &ActorRef<CoordinatorMsg>, bucket: u32) {
+        let state = &mut self.buckets[bucket as usize];
+        state.waiters.retain(|_, waiter| !waiter.reply.is_closed());
+        if state.holding.is_some() || state.acquiring.is_some() || state.waiters.is_empty() {
+            return;
+        }
+
+        let backend = self.args.backend.clone();
+        let hold = self.args.pacing + self.args.grace + self.args.unsent_timeout;
+        let coordinator = myself.clone();
+        state.acquiring = Some(tokio::spawn(async move {
+            let result = backend
+                .acquire(bucket, hold)
+                .await
+                .map_err(|error| error.to_string());
+            let _ = coordinator.cast(CoordinatorMsg::BackendAcquired { bucket, result });
+        }));
+    }
+
+    fn backend_acquired(
+        &mut self,
+        myself: &ActorRef<CoordinatorMsg>,
+        bucket: u32,
+        result: Result<BackendLock, String>,
+    ) {
+        let retry_base = self.args.backend_retry;
+        let state = &mut self.buckets[bucket as usize];
+        state.acquiring = None;
+
+        let lock = match result {
+            Ok(lock) => lock,
+            Err(error) => {
+                state.failures += 1;
+                let delay = backoff(retry_base, state.failures);
+                if self.failing.insert(bucket, Instant::now()).is_none() {
+                    tracing::warn!(bucket, %error, retry_ms = delay.as_millis() as u64, "identify backend failed; no shard of this bucket identifies until it recovers");
+                }
+                let _ = myself.send_after(delay, move || CoordinatorMsg::Retry { bucket });
+                return;
+            }
+        };
+        state.failures = 0;
+        if let Some(since) = self.failing.remove(&bucket) {
+            tracing::info!(
+                bucket,
+                outage_ms = since.elapsed().as_millis() as u64,
+                "identify backend recovered"
+            );
+        }
+
+        self.grant(myself, bucket, lock);
+    }
+
+    /// Hands a freshly acquired bucket lock to the first waiter still listening.
+    fn grant(&mut self, myself: &ActorRef<CoordinatorMsg>, bucket: u32, lock: BackendLock) {
+        let unsent_timeout = self.args.unsent_timeout;
+        let state = &mut self.buckets[bucket as usize];
+        while let Some(((shard, _), waiter)) = state.waiters.pop_first() {
+            let lease = Lease {
+                id: self.next_lease,
+                bucket,
+            };
+            self.next_lease += 1;
+            if waiter.reply.send(lease).is_err() {
+                continue;
+            }
+
+            tracing::debug!(shard, bucket, lease = lease.id, "lease granted");
+            let coordinator = myself.clone();
+            let timer = tokio::spawn(async move {
+                tokio::time::sleep(unsent_timeout).await;
+                let _ = coordinator.cast(CoordinatorMsg::UnsentElapsed { lease });
+            });
+            state.granted += 1;
+            state.holding = Some(Holding {
+                lease,
+                shard,
+                holder: waiter.holder,
+                since: Instant::now(),
+                sent: false,
+                lock,
+                timer: Some(timer),
+            });
+            return;
+        }
+
+        // Every waiter left while the backend was acquiring.
+        self.release_backend(lock);
+    }
+
+    async fn begin_identify(&mut self, myself: &ActorRef<CoordinatorMsg>, lease: Lease) -> bool {
+        let Some(bucket) = self.buckets.get_mut(lease.bucket as usize) else {
+            return false;
+        };
+        let Some(holding) = bucket
+            .holding
+            .as_mut()
+            .filter(|h| h.lease == lease && !h.sent)
+        else {
+            return false;
+        };
+        if !self.args.backend.still_held(holding.lock).await {
+            tracing::warn!(
+                bucket = lease.bucket,
+                shard = holding.shard,
+                "bucket lock lost before IDENTIFY; retrying"
+            );
+            let lock = holding.lock;
+            if let Some(timer) = holding.timer.take() {
+                timer.abort();
+            }
+            bucket.holding = None;
+            self.release_backend(lock);
+            self.pump(myself, lease.bucket);
+            return false;
+        }
+
+        holding.sent = true;
+        if let Some(timer) = holding.timer.take() {
+            timer.abort();
+        }
+        let hold = self.args.pacing + self.args.grace;
+        let coordinator = myself.clone();
+        holding.timer = Some(tokio::spawn(async move {
+            tokio::time::sleep(hold).await;
+            let _ = coordinator.cast(CoordinatorMsg::PacingElapsed { lease });
+        }));
+        tracing::debug!(
+            bucket = lease.bucket,
+            shard = holding.shard,
+            lease = lease.id,
+            "IDENTIFY begun"
+        );
+        true
+    }
+
+    fn pacing_elapsed(&mut self, myself: &ActorRef<CoordinatorMsg>, lease: Lease) {
+        let Some(bucket) = self.buckets.get_mut(lease.bucket as usize) else {
+            return;
+        };
+        if bucket
+            .holding
+            .as_ref()
+            .is_some_and(|h| h.lease == lease && h.sent)
+        {
+            self.free(myself, lease.bucket);
+        }
+    }
+
+    fn release_unsent(
+        &mut self,
+        myself: &ActorRef<CoordinatorMsg>,
+        lease: Lease,
+        why: &'static str,
+    ) {
+        let Some(bucket) = self.buckets.get_mut(lease.bucket as usize) else {
+            return;
+        };
+        if bucket
+            .holding
+            .as_ref()
+            .is_some_and(|h| h.lease == lease && !h.sent)
+        {
+            tracing::debug!(
+                bucket = lease.bucket,
+                lease = lease.id,
+                why,
+                "unused lease freed"
+            );
+            self.free(myself, lease.bucket);
+        }
+    }
+
+    fn holder_stopped(&mut self, myself: &ActorRef<CoordinatorMsg>, holder: ActorId) {
+        for index in 0..self.buckets.len() {
+            let bucket = &mut self.buckets[index];
+            bucket.waiters.retain(|_, waiter| waiter.holder != holder);
+            let unsent = bucket
+                .holding
+                .as_ref()
+                .is_some_and(|h| h.holder == holder && !h.sent);
+            if unsent {
+                tracing::debug!(
+                    bucket = index,
+                    "holder stopped before IDENTIFY; bucket freed"
+                );
+                self.free(myself, index as u32);
+            }
+        }
+    }
+
+    /// Ends the bucket's current lease and serves the next waiter.
+    fn free(&mut self, myself: &ActorRef<CoordinatorMsg>, bucket: u32) {
+        if let Some(mut holding) = self.buckets[bucket as usize].holding.take() {
+            if let Some(timer) = holding.timer.take() {
+                timer.abort();
+            }
+            self.release_backend(holding.lock);
+        }
+        self.pump(myself, bucket);
+    }
+
+    fn release_backend(&self, lock: BackendLock) {
+        let backend = self.args.backend.clone();
+        tokio::spawn(async move {
+            if let Err(error) = backend.release(lock).await {
+                log_release_error(lock, &error);
+            }
+        });
+    }
+
+    fn status(&self) -> Vec<BucketStatus> {
+        self.buckets
+            .iter()
+            .enumerate()
+            .map(|(index, bucket)| BucketStatus {
+                bucket: index as u32,
+                holder: bucket.holding.as_ref().map(|h| h.shard),
+                sent: bucket.holding.as_ref().is_some_and(|h| h.sent),
+                held_ms: bucket
+                    .holding
+                    .as_ref()
+                    .map(|h| h.since.elapsed().as_millis() as u64),
+                waiting: bucket.waiters.keys().map(|(shard, _)| *shard).collect(),
+                granted: bucket.granted,
+            })
+            .collect()
+    }
+}
+
+fn log_release_error(lock: BackendLock, error: &PortError) {
+    tracing::warn!(bucket = lock.bucket, %error, "failed to release a bucket lock; it lapses when its lease expires");
+}
+
+/// Returns `base × 2^(failures-1)`, capped at 30 s.
+fn backoff(base: Duration, failures: u32) -> Duration {
+    let factor = 1u32 << failures.saturating_sub(1).min(16);
+    base.saturating_mul(factor).min(Duration::from_secs(30))
+}
+
+#[cfg(test)]
+mod tests;

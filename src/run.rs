@@ -1,0 +1,419 @@
+//! `shardvisor run`: the main job. Loads the configuration, starts the gateway (the built-in
+//! simulator or Discord), the stores and the actor tree, shows progress while the shards come up,
+//! prints the summary line, and serves until a stop signal.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actors::backoff::Backoff;
+use actors::coordinator::{CoordinatorArgs, InProcessBackend};
+use actors::gate::GateArgs;
+use actors::gateway::payload::GatewayBot;
+use actors::gateway::Token;
+use actors::names;
+use actors::shard::{ShardArgs, ShardStage, StabilizeMode};
+use actors::store::{EventSink, StateStore};
+use actors::supervisor::{RestartPolicy, Supervisor, SupervisorArgs, SupervisorMsg};
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef};
+use tokio::sync::watch;
+
+use crate::adapters::memory::{MemorySink, MemoryStore};
+use crate::config::Config;
+use crate::sim::world::WorldConfig;
+use crate::sim::{SimConfig, Simulator, ViolationKind};
+
+/// How often the progress line is printed while shards come up.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Why the main job could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("missing bot token: set SHARDVISOR_TOKEN or DISCORD_TOKEN, or process.token_file")]
+    MissingToken,
+    #[error("failed to read the token file {path}: {source}")]
+    TokenFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to start the gateway simulator: {0}")]
+    Simulator(#[from] crate::sim::StartError),
+    #[error("GET {url} failed: {reason}")]
+    GatewayBot { url: String, reason: String },
+    #[error("the actor tree failed to start: {0}")]
+    Spawn(String),
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    pub shards: u32,
+    /// Shards that reached steady.
+    pub ready: u32,
+    /// Shards parked by a fatal close code or given up after too many restarts.
+    pub failed: u32,
+    pub buckets: u32,
+    pub floor_s: f64,
+    pub elapsed_s: f64,
+    pub identify_violations: u64,
+    pub events: u64,
+    pub guilds_cached: u64,
+    pub members_cached: u64,
+}
+
+impl Summary {
+    /// Returns the summary line in its fixed form.
+    pub fn line(&self) -> String {
+        let ratio = if self.floor_s > 0.0 {
+            self.elapsed_s / self.floor_s
+        } else {
+            0.0
+        };
+        format!(
+            "summary shards={} ready={} buckets={} floor_s={:.1} elapsed_s={:.1} ratio={:.2} identify_violations={} events={} guilds_cached={} members_cached={}",
+            self.shards,
+            self.ready,
+            self.buckets,
+            self.floor_s,
+            self.elapsed_s,
+            ratio,
+            self.identify_violations,
+            self.events,
+            self.guilds_cached,
+            self.members_cached
+        )
+    }
+
+    /// Returns `true` if every shard is steady and no identify limit was broken.
+    pub fn is_clean(&self) -> bool {
+        self.failed == 0 && self.ready == self.shards && self.identify_violations == 0
+    }
+}
+
+/// A running service: the tree, its stores and, on the embedded defaults, the simulator.
+pub struct Service {
+    pub config: Config,
+    pub supervisor: ActorRef<SupervisorMsg>,
+    supervisor_task: tokio::task::JoinHandle<()>,
+    pub simulator: Option<Simulator>,
+    pub store: Arc<MemoryStore>,
+    pub sink: Arc<MemorySink>,
+    pub started: Instant,
+    pub max_concurrency: u32,
+}
+
+impl Service {
+    /// Starts the gateway, the stores and the actor tree.
+    ///
+    /// # Errors
+    ///
+    /// Returns an error when the token is missing, the simulator cannot start, `GET /gateway/bot`
+    /// fails or the tree cannot be spawned.
+    pub async fn start(config: Config) -> Result<Self, RunError> {
+        let started = Instant::now();
+        let (token, simulator) = match &config.gateway.api {
+            None => {
+                let token = read_token(&config)?.unwrap_or_else(|| {
+                    Token::new(format!("local-{:032x}", rand::random::<u128>()))
+                });
+                let simulator = Simulator::start(simulator_config(&config, token.clone())).await?;
+                (token, Some(simulator))
+            }
+            Some(_) => (read_token(&config)?.ok_or(RunError::MissingToken)?, None),
+        };
+        let api = match &simulator {
+            Some(simulator) => simulator.api_url(),
+            None => config.gateway.api.clone().unwrap_or_default(),
+        };
+        let gateway = fetch_gateway_bot(&api, &token).await?;
+        tracing::info!(
+            url = %gateway.url,
+            recommended_shards = gateway.shards,
+            max_concurrency = gateway.session_start_limit.max_concurrency,
+            remaining = gateway.session_start_limit.remaining,
+            "gateway found"
+        );
+
+        let store = Arc::new(MemoryStore::new());
+        let sink = Arc::new(MemorySink::new());
+        let max_concurrency = gateway.session_start_limit.max_concurrency.max(1);
+        let args = supervisor_args(&config, token, &gateway, store.clone(), sink.clone());
+        let name = names::supervisor(&config.process.name);
+        let (supervisor, supervisor_task) = Actor::spawn(Some(name), Supervisor, args)
+            .await
+            .map_err(|error| RunError::Spawn(error.to_string()))?;
+
+        Ok(Self {
+            config,
+            supervisor,
+            supervisor_task,
+            simulator,
+            store,
+            sink,
+            started,
+            max_concurrency,
+        })
+    }
+
+    /// Shows progress until every shard is steady or failed, then returns the summary.
+    pub async fn wait_until_stable(&self) -> Summary {
+        let stages = match self.supervisor.call(SupervisorMsg::Watch, None).await {
+            Ok(CallResult::Success(stages)) => stages,
+            _ => Vec::new(),
+        };
+        let mut last_print = Instant::now();
+        loop {
+            let counts = StageCounts::of(&stages);
+            if counts.settled() {
+                break;
+            }
+            if last_print.elapsed() >= PROGRESS_EVERY {
+                println!("{}", counts.progress_line(self.started.elapsed()));
+                last_print = Instant::now();
+            }
+            wait_for_any_change(&stages, PROGRESS_EVERY).await;
+        }
+        self.summary(&stages).await
+    }
+
+    async fn summary(&self, stages: &[(u32, watch::Receiver<ShardStage>)]) -> Summary {
+        let elapsed_s = self.started.elapsed().as_secs_f64();
+        let counts = StageCounts::of(stages);
+        let shards = self.config.process.stop - self.config.process.start;
+        let window = match &self.simulator {
+            Some(simulator) => simulator.config().identify_window,
+            None => actors::gateway::IDENTIFY_WINDOW,
+        };
+        let rounds = shards.div_ceil(self.max_concurrency);
+        let identify_violations = self.simulator.as_ref().map_or(0, |simulator| {
+            let report = simulator.report();
+            report.violation_count(ViolationKind::IdentifyTooFast)
+                + report.violation_count(ViolationKind::SessionStartLimitExceeded)
+        });
+        let totals = self.store.totals().await.unwrap_or_default();
+        Summary {
+            shards,
+            ready: counts.steady,
+            failed: counts.failed,
+            buckets: self.max_concurrency,
+            floor_s: f64::from(rounds) * window.as_secs_f64(),
+            elapsed_s,
+            identify_violations,
+            events: self.sink.total(),
+            guilds_cached: totals.guilds,
+            members_cached: totals.members,
+        }
+    }
+
+    /// Saves every session, closes every connection with a resumable code and stops the tree.
+    pub async fn shutdown(self) {
+        let _ = self
+            .supervisor
+            .call(SupervisorMsg::Shutdown, Some(Duration::from_secs(30)))
+            .await;
+        let _ = self.supervisor_task.await;
+        if let Some(simulator) = self.simulator {
+            simulator.shutdown().await;
+        }
+    }
+}
+
+/// Stage counts across the range.
+#[derive(Default)]
+struct StageCounts {
+    total: u32,
+    steady: u32,
+    failed: u32,
+    connecting: u32,
+    waiting: u32,
+    identifying: u32,
+    streaming: u32,
+}
+
+impl StageCounts {
+    fn of(stages: &[(u32, watch::Receiver<ShardStage>)]) -> Self {
+        let mut counts = Self::default();
+        for (_, stage) in stages {
+            counts.total += 1;
+            match &*stage.borrow() {
+                ShardStage::Steady => counts.steady += 1,
+                ShardStage::Fatal { .. } | ShardStage::GaveUp { .. } => counts.failed += 1,
+                ShardStage::Connecting | ShardStage::Reconnecting { .. } => counts.connecting += 1,
+                ShardStage::WaitingForPermit | ShardStage::WaitingForLease { .. } => {
+                    counts.waiting += 1
+                }
+                ShardStage::Identifying | ShardStage::Resuming => counts.identifying += 1,
+                ShardStage::StreamingGuilds { .. } | ShardStage::Stabilizing => {
+                    counts.streaming += 1
+                }
+            }
+        }
+        counts
+    }
+
+    fn settled(&self) -> bool {
+        self.total > 0 && self.steady + self.failed == self.total
+    }
+
+    fn progress_line(&self, elapsed: Duration) -> String {
+        format!(
+            "progress elapsed_s={:.0} steady={}/{} streaming={} identifying={} waiting={} connecting={} failed={}",
+            elapsed.as_secs_f64(),
+            self.steady,
+            self.total,
+            self.streaming,
+            self.identifying,
+            self.waiting,
+            self.connecting,
+            self.failed
+        )
+    }
+}
+
+async fn wait_for_any_change(stages: &[(u32, watch::Receiver<ShardStage>)], limit: Duration) {
+    let mut receivers: Vec<watch::Receiver<ShardStage>> =
+        stages.iter().map(|(_, r)| r.clone()).collect();
+    let changes = receivers
+        .iter_mut()
+        .map(|receiver| Box::pin(receiver.changed()));
+    let any = futures_util::future::select_all(changes);
+    let _ = tokio::time::timeout(limit, any).await;
+}
+
+fn read_token(config: &Config) -> Result<Option<Token>, RunError> {
+    for name in ["SHARDVISOR_TOKEN", "DISCORD_TOKEN"] {
+        if let Ok(token) = std::env::var(name) {
+            if !token.trim().is_empty() {
+                return Ok(Some(Token::new(token)));
+            }
+        }
+    }
+    match &config.process.token_file {
+        Some(path) => std::fs::read_to_string(path)
+            .map(|text| Some(Token::new(text)))
+            .map_err(|source| RunError::TokenFile {
+                path: path.clone(),
+                source,
+            }),
+        None => Ok(None),
+    }
+}
+
+fn simulator_config(config: &Config, token: Token) -> SimConfig {
+    let sim = &config.simulator;
+    SimConfig {
+        token,
+        shards: config.process.shards,
+        max_concurrency: sim.max_concurrency,
+        heartbeat_interval: sim.heartbeat_interval,
+        heartbeat_timeout: sim.heartbeat_interval + Duration::from_secs(10),
+        identify_window: sim.identify_window,
+        member_request_window: sim.member_request_window,
+        dispatch_rate: sim.dispatch_rate,
+        ready_delay: sim.ready_delay,
+        world: WorldConfig {
+            seed: sim.seed,
+            guilds: sim.guilds,
+            shard_count: config.process.shards,
+            largest_guild: sim.largest_guild,
+        },
+        ..SimConfig::default()
+    }
+}
+
+/// Fetches `GET /gateway/bot`: the gateway URL and the session-start budget.
+async fn fetch_gateway_bot(api: &str, token: &Token) -> Result<GatewayBot, RunError> {
+    let url = format!("{api}/gateway/bot");
+    let error = |reason: String| RunError::GatewayBot {
+        url: url.clone(),
+        reason,
+    };
+    let response = reqwest::Client::new()
+        .get(&url)
+        .header("Authorization", format!("Bot {}", token.expose()))
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await
+        .map_err(|e| error(e.to_string()))?;
+    let status = response.status();
+    if !status.is_success() {
+        let hint = if status.as_u16() == 401 {
+            "; the token was rejected: check SHARDVISOR_TOKEN"
+        } else {
+            ""
+        };
+        return Err(error(format!("HTTP {status}{hint}")));
+    }
+    response
+        .json::<GatewayBot>()
+        .await
+        .map_err(|e| error(format!("invalid response: {e}")))
+}
+
+fn supervisor_args(
+    config: &Config,
+    token: Token,
+    gateway: &GatewayBot,
+    store: Arc<MemoryStore>,
+    sink: Arc<MemorySink>,
+) -> SupervisorArgs {
+    let max_concurrency = gateway.session_start_limit.max_concurrency.max(1);
+    let gw = &config.gateway;
+    let store: Arc<dyn StateStore> = store;
+    let sink: Arc<dyn EventSink> = sink;
+    let shard = ShardArgs {
+        shard: 0,
+        shard_count: config.process.shards,
+        max_concurrency,
+        name: config.process.name.clone(),
+        token,
+        gateway_url: gateway.url.clone(),
+        compress: gw.compress,
+        intents: gw.intents,
+        large_threshold: gw.large_threshold,
+        request_members: config.backfill.request_members,
+        divergence_ratio: config.backfill.divergence_ratio,
+        stabilize: StabilizeMode::Fixed(config.stabilize.hold),
+        stabilize_max: config.stabilize.max_hold,
+        guild_timeout: gw.guild_timeout,
+        connect_timeout: gw.connect_timeout,
+        reconnect_backoff: Backoff {
+            base: gw.reconnect_backoff_base,
+            max: gw.reconnect_backoff_max,
+        },
+        invalid_session_wait: gw.invalid_session_wait,
+        save_every: gw.save_every,
+        store,
+        sink,
+        stage: watch::channel(ShardStage::Connecting).0,
+    };
+    let supervision = &config.supervision;
+    SupervisorArgs {
+        range: config.process.start..config.process.stop,
+        shard,
+        coordinator: CoordinatorArgs {
+            max_concurrency,
+            pacing: config.identify.pacing,
+            grace: config.identify.grace,
+            unsent_timeout: config.identify.unsent_timeout,
+            backend_retry: Duration::from_millis(500),
+            backend: Arc::new(InProcessBackend),
+        },
+        gate: GateArgs {
+            permits: config.stabilize.permits,
+            max_hold: config.stabilize.max_hold,
+        },
+        restart: RestartPolicy {
+            backoff: Backoff {
+                base: supervision.backoff_base,
+                max: supervision.backoff_max,
+            },
+            shard_max_restarts: supervision.shard_max_restarts,
+            shard_window: supervision.shard_window,
+            tree_max_restarts: supervision.tree_max_restarts,
+            tree_window: supervision.tree_window,
+            log_capacity: supervision.restart_log,
+        },
+    }
+}
