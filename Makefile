@@ -6,13 +6,16 @@ CARGO ?= cargo
 deps:
 	./scripts/ensure-deps
 
-# Until the service's run command exists, `make run` starts the gateway simulator on fixed
-# loopback ports, with 64 shards in 16 buckets and Discord's real times.
+# The main job on the embedded defaults of config.toml: the built-in simulator (64 shards in 16
+# buckets, 4000 guilds, Discord's 5 s window), the in-process coordinator, the in-memory store and
+# sink. It prints the summary line once every shard is steady, then serves until Ctrl-C.
 run: deps
+	$(CARGO) run --release -- run
+
+# The gateway simulator alone, on fixed loopback ports.
+sim: deps
 	$(CARGO) run --release -- sim --shards 64 --max-concurrency 16 --guilds 4000 \
 		--listen 127.0.0.1:7878 --resume-listen 127.0.0.1:7879 --token local-simulator-token
-
-sim: run
 
 test: deps
 	$(CARGO) test --workspace --all-targets

@@ -34,7 +34,7 @@ pub enum Command {
     /// signal.
     Run(RunArgs),
     /// Run the Discord gateway simulator until Ctrl-C, then print its report as JSON.
-    Sim(SimArgs),
+    Sim(Box<SimArgs>),
 }
 
 /// Settings of `shardvisor run`. Everything else is in the configuration file.

@@ -19,6 +19,7 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run_service(args, cli.log_format).await,
         Command::Sim(args) => {
+            let args = *args;
             logging::init(cli.log_format.unwrap_or(LogFormat::Human));
             run_simulator(args).await
         }

@@ -14,6 +14,7 @@ use actors::names;
 use actors::shard::{ShardArgs, ShardStage, StabilizeMode};
 use actors::store::{EventSink, StateStore};
 use actors::supervisor::{RestartPolicy, Supervisor, SupervisorArgs, SupervisorMsg};
+use actors::sweeper::SweeperArgs;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use tokio::sync::watch;
@@ -360,6 +361,21 @@ fn supervisor_args(
 ) -> SupervisorArgs {
     let max_concurrency = gateway.session_start_limit.max_concurrency.max(1);
     let gw = &config.gateway;
+    let sweeper = config.sweep.enabled.then(|| SweeperArgs {
+        store: store.clone(),
+        cursors: store.clone(),
+        name: config.process.name.clone(),
+        shard_count: config.process.shards,
+        shards: config.process.start..config.process.stop,
+        batch: config.sweep.batch,
+        requests_per_second: config.sweep.requests_per_second,
+        start_paused: false,
+        cursor_save_interval: Duration::from_secs(10),
+        retry: Backoff {
+            base: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        },
+    });
     let store: Arc<dyn StateStore> = store;
     let sink: Arc<dyn EventSink> = sink;
     let shard = ShardArgs {
@@ -404,6 +420,7 @@ fn supervisor_args(
             permits: config.stabilize.permits,
             max_hold: config.stabilize.max_hold,
         },
+        sweeper,
         restart: RestartPolicy {
             backoff: Backoff {
                 base: supervision.backoff_base,

@@ -20,7 +20,8 @@ async fn identified(sim: &Simulator, shard: u32, count: u32) -> (GatewayClient, 
     (client, ready.session_id)
 }
 
-/// Sends RESUME on a new connection to the resume address and returns the first answer.
+/// Sends RESUME on a new connection to the resume address and returns the first payload after
+/// the replay, or the close.
 async fn resume_answer(sim: &Simulator, session_id: &str, seq: u64) -> Received {
     let token = sim.config().token.clone();
     let mut client = GatewayClient::connect(sim.resume_url()).await;

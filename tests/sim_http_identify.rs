@@ -493,10 +493,11 @@ async fn large_threshold_out_of_range_closes_4002() {
 async fn unknown_opcode_closes_4001() {
     let sim = start(test_config()).await;
 
-    // Discord: 4001 for an invalid opcode, 4002 for a payload it cannot decode.
-    for op in [5, 99] {
+    // Discord: 4001 for an invalid opcode, 4002 for a payload it cannot decode. Op 11 is valid
+    // only from the gateway.
+    for op in [5, 11, 99] {
         let code = close_code_after(&sim, format!(r#"{{"op":{op},"d":null}}"#)).await;
-        assert_eq!(code, Some(4001), "a payload with the unknown opcode {op}");
+        assert_eq!(code, Some(4001), "a client payload with opcode {op}");
     }
     sim.shutdown().await;
 }

@@ -56,15 +56,13 @@ async fn traffic_sequence_and_routing() {
             })
             .await;
 
-        let mut expected_seq = ready_dispatch.seq + 1;
         let mut guilds: HashSet<u64> = ready.guilds.iter().map(|guild| guild.id.get()).collect();
-        for dispatch in &dispatches {
+        for (expected_seq, dispatch) in (ready_dispatch.seq + 1..).zip(&dispatches) {
             assert_eq!(
                 dispatch.seq, expected_seq,
                 "shard {shard}: {} out of sequence",
                 dispatch.event
             );
-            expected_seq += 1;
             let Some(guild) = event_guild(dispatch) else {
                 panic!(
                     "shard {shard}: {} carries no guild: {}",
@@ -298,8 +296,8 @@ async fn joined_guild_honours_large_threshold() {
     let (_, ready) = client.wait_ready().await;
     let first_traffic = ready.guilds.len() as u64 + 2;
 
-    // Only GUILDS traffic, so that guild joins are frequent; stop at the first joined guild that
-    // is large by Discord's default threshold of 50 but not by the session's 250.
+    // GUILDS alone makes guild joins frequent. The test stops at the first joined guild that is
+    // large by Discord's default threshold of 50 but not by the session's threshold of 250.
     let dispatches = client
         .collect_until("a joined guild of 51 to 250 members", |dispatch| {
             dispatch.event == "GUILD_CREATE"

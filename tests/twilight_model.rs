@@ -68,7 +68,7 @@ impl ModelCheck {
     async fn read_until(
         &mut self,
         client: &mut GatewayClient,
-        what: &str,
+        expected: &str,
         mut done: impl FnMut(&ServerPayload) -> bool,
     ) -> Vec<ServerPayload> {
         let mut payloads = Vec::new();
@@ -82,7 +82,7 @@ impl ModelCheck {
                         return payloads;
                     }
                 }
-                other => panic!("connection ended with {other:?} while waiting for {what}"),
+                other => panic!("connection ended with {other:?} while waiting for {expected}"),
             }
         }
     }

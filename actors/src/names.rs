@@ -35,5 +35,5 @@ pub fn supervisor(process: &str) -> String {
 
 /// Returns the actor registered under `name`, if it is running.
 pub fn lookup<M: Message>(name: &str) -> Option<ActorRef<M>> {
-    ActorRef::where_is(name.to_owned())
+    ActorRef::where_is(name)
 }

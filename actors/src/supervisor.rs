@@ -25,6 +25,7 @@ use crate::coordinator::{CoordinatorArgs, CoordinatorMsg, IdentifyCoordinator};
 use crate::gate::{GateArgs, GateMsg, StabilizeGate};
 use crate::names;
 use crate::shard::{ShardActor, ShardArgs, ShardMsg, ShardStage};
+use crate::sweeper::{Sweeper, SweeperArgs};
 
 /// When the Supervisor stops restarting.
 #[derive(Clone, Debug)]
@@ -44,7 +45,7 @@ pub struct RestartPolicy {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RestartEvent {
     pub at: SystemTime,
-    /// `shard`, `identify-coordinator` or `stabilize-gate`.
+    /// `shard`, `identify-coordinator`, `stabilize-gate` or `sweeper`.
     pub actor: &'static str,
     pub shard: Option<u32>,
     pub reason: String,
@@ -61,6 +62,8 @@ pub struct SupervisorArgs {
     pub shard: ShardArgs,
     pub coordinator: CoordinatorArgs,
     pub gate: GateArgs,
+    /// `None` when the sweep is disabled.
+    pub sweeper: Option<SweeperArgs>,
     pub restart: RestartPolicy,
 }
 
@@ -71,6 +74,7 @@ pub enum Child {
     Shard(u32),
     Coordinator,
     Gate,
+    Sweeper,
 }
 
 impl Child {
@@ -79,6 +83,7 @@ impl Child {
             Self::Shard(_) => "shard",
             Self::Coordinator => "identify-coordinator",
             Self::Gate => "stabilize-gate",
+            Self::Sweeper => "sweeper",
         }
     }
 
@@ -179,6 +184,7 @@ impl Actor for Supervisor {
         for shard in shards {
             state.spawn(&myself, Child::Shard(shard)).await?;
         }
+        state.spawn(&myself, Child::Sweeper).await?;
         tracing::info!(
             process = %state.args.shard.name,
             start = state.args.range.start,
@@ -290,6 +296,14 @@ impl SupervisorState {
                     supervisor,
                 )
                 .await?;
+                actor.get_id()
+            }
+            Child::Sweeper => {
+                let Some(args) = self.args.sweeper.clone() else {
+                    return Ok(());
+                };
+                let name = names::sweeper(&process);
+                let (actor, _) = Actor::spawn_linked(Some(name), Sweeper, args, supervisor).await?;
                 actor.get_id()
             }
             Child::Shard(shard) => {

@@ -142,7 +142,8 @@ pub struct Tick {
     schedule: u64,
 }
 
-/// Counts of one pass, for the log line at its end.
+/// Counts of the current pass since the last wrap or, in the first pass of this actor, since it
+/// started. They feed the log line at the end of the pass.
 struct PassStats {
     started: Instant,
     requests: u64,
@@ -515,7 +516,7 @@ impl SweeperState {
     }
 
     /// Counts and logs a failed store query, and returns the delay before the next attempt.
-    fn store_failed(&mut self, error: &PortError, what: &'static str) -> Duration {
+    fn store_failed(&mut self, error: &PortError, message: &'static str) -> Duration {
         self.failures = self.failures.saturating_add(1);
         self.status.store_errors += 1;
         let retry = self.args.retry.delay(self.failures);
@@ -524,7 +525,7 @@ impl SweeperState {
             cursor = self.cursor,
             attempt = self.failures,
             retry_in_ms = retry.as_millis() as u64,
-            "{what}, retrying"
+            "{message}, retrying"
         );
         retry
     }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actors::gateway::{
-    ClientPayload, CloseCode, Deflater, Hello, Identify, Intents, RateLimited, RateLimitedMeta,
-    RequestGuildMembers, Resume, ServerPayload, MAX_CLIENT_PAYLOAD_BYTES,
+    ClientPayload, CloseCode, DecodeError, Deflater, Hello, Identify, Intents, RateLimited,
+    RateLimitedMeta, RequestGuildMembers, Resume, ServerPayload, MAX_CLIENT_PAYLOAD_BYTES,
 };
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use serde_json::value::{to_raw_value, RawValue};
@@ -241,9 +241,15 @@ impl Connection {
             Ok(payload) => payload,
             Err(error) => {
                 self.violation(ViolationKind::DecodeError, error.to_string());
-                return self
-                    .close_break(CloseCode::DECODE_ERROR, "decode error")
-                    .await;
+                // Discord closes an opcode it does not take from clients with 4001, and a
+                // payload it cannot parse with 4002.
+                let (code, reason) = match error {
+                    DecodeError::UnknownOpcode(_) | DecodeError::WrongDirection { .. } => {
+                        (CloseCode::UNKNOWN_OPCODE, "unknown opcode")
+                    }
+                    _ => (CloseCode::DECODE_ERROR, "decode error"),
+                };
+                return self.close_break(code, reason).await;
             }
         };
 
@@ -452,7 +458,9 @@ impl Connection {
                     record.replayed += replayed;
                 });
                 self.attach(&session);
-                let resumed = RawValue::from_string("null".to_owned()).expect("null is JSON");
+                // Discord's RESUMED carries a `_trace` of the servers involved.
+                let resumed = RawValue::from_string(r#"{"_trace":["shardvisor-sim"]}"#.to_owned())
+                    .expect("the RESUMED data is JSON");
                 session.dispatch("RESUMED", &resumed, &self.shared.recorder);
                 ControlFlow::Continue(())
             }
@@ -764,7 +772,8 @@ async fn run_traffic(shared: Arc<Shared>, session: Arc<Session>) {
         if shared.session(&session.id).is_none() {
             return;
         }
-        let event = lock(&shared.worlds[session.shard as usize]).next_event(session.intents);
+        let event = lock(&shared.worlds[session.shard as usize])
+            .next_event_with_large_threshold(session.intents, session.large_threshold);
         let Some((name, data)) = event else { return };
         if session.dispatch(name, &data, &shared.recorder).is_none() {
             return;

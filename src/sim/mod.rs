@@ -143,7 +143,7 @@ impl Simulator {
         });
 
         let main = tokio::spawn(server::serve(listener, shared.clone(), false));
-        let resume = server::ResumeListener::start(resume_listener, shared.clone());
+        let resume = server::ResumeListener::start(resume_listener, shared.clone())?;
         let expiry = tokio::spawn(identify::expire_sessions(shared.clone()));
         tracing::info!(%address, %resume_address, shards = shared.config.shards, "gateway simulator started");
 

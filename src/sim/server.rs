@@ -45,18 +45,42 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, resume_add
 
 /// The resume address, which a fault can make refuse connections.
 pub(crate) struct ResumeListener {
+    /// A second handle on the listening socket, so that it can be shut down at once, from
+    /// synchronous code, while the serving task still owns its own handle.
+    socket: Option<std::net::TcpListener>,
     task: Option<JoinHandle<()>>,
 }
 
 impl ResumeListener {
-    pub(crate) fn start(listener: TcpListener, shared: Arc<Shared>) -> Self {
-        Self {
-            task: Some(tokio::spawn(serve(listener, shared, true))),
-        }
+    pub(crate) fn start(listener: TcpListener, shared: Arc<Shared>) -> std::io::Result<Self> {
+        let listener = listener.into_std()?;
+        let mut resume = Self {
+            socket: None,
+            task: None,
+        };
+        resume.serve(listener, shared)?;
+        Ok(resume)
     }
 
-    /// Closes the listening socket, so that connects are refused. Open connections stay.
+    fn serve(
+        &mut self,
+        listener: std::net::TcpListener,
+        shared: Arc<Shared>,
+    ) -> std::io::Result<()> {
+        listener.set_nonblocking(true)?;
+        self.socket = Some(listener.try_clone()?);
+        let listener = TcpListener::from_std(listener)?;
+        self.task = Some(tokio::spawn(serve(listener, shared, true)));
+        Ok(())
+    }
+
+    /// Stops listening at once, so that connects are refused. Open connections stay.
     pub(crate) fn refuse(&mut self) {
+        // Shutting a listening socket down takes it out of the LISTEN state immediately, before
+        // the aborted task gets around to dropping its handle; the port can be bound again.
+        if let Some(socket) = self.socket.take() {
+            let _ = socket2::SockRef::from(&socket).shutdown(std::net::Shutdown::Both);
+        }
         if let Some(task) = self.task.take() {
             task.abort();
         }
@@ -71,11 +95,15 @@ impl ResumeListener {
         if self.task.is_some() {
             return Ok(());
         }
-        let listener = std::net::TcpListener::bind(address)?;
-        listener.set_nonblocking(true)?;
-        let listener = TcpListener::from_std(listener)?;
-        self.task = Some(tokio::spawn(serve(listener, shared, true)));
-        Ok(())
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(address),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&address.into())?;
+        socket.listen(1024)?;
+        self.serve(socket.into(), shared)
     }
 }
 

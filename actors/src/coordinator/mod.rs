@@ -89,7 +89,8 @@ pub enum CoordinatorMsg {
         bucket: u32,
         result: Result<BackendLock, String>,
     },
-    /// Internal: retry a bucket whose backend acquire failed.
+    /// Internal: retry a bucket whose backend acquire failed (sent by the coordinator's own
+    /// timer only).
     Retry { bucket: u32 },
     /// Internal: the pacing window of a lease ended.
     PacingElapsed { lease: Lease },
@@ -213,7 +214,10 @@ impl Actor for IdentifyCoordinator {
             CoordinatorMsg::BackendAcquired { bucket, result } => {
                 state.backend_acquired(&myself, bucket, result);
             }
-            CoordinatorMsg::Retry { bucket } => state.pump(&myself, bucket),
+            CoordinatorMsg::Retry { bucket } => {
+                state.buckets[bucket as usize].acquiring = None;
+                state.pump(&myself, bucket);
+            }
             CoordinatorMsg::PacingElapsed { lease } => state.pacing_elapsed(&myself, lease),
             CoordinatorMsg::UnsentElapsed { lease } => {
                 state.release_unsent(&myself, lease, "not used in time");
@@ -279,7 +283,12 @@ impl CoordinatorState {
                 if self.failing.insert(bucket, Instant::now()).is_none() {
                     tracing::warn!(bucket, %error, retry_ms = delay.as_millis() as u64, "identify backend failed; no shard of this bucket identifies until it recovers");
                 }
-                let _ = myself.send_after(delay, move || CoordinatorMsg::Retry { bucket });
+                // The retry timer takes the place of the acquire, so nothing else starts one.
+                let coordinator = myself.clone();
+                state.acquiring = Some(tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = coordinator.cast(CoordinatorMsg::Retry { bucket });
+                }));
                 return;
             }
         };

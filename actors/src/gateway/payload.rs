@@ -100,10 +100,11 @@ impl ServerPayload {
         let op = OpCode::from_code(frame.op).ok_or(DecodeError::UnknownOpcode(frame.op))?;
         let missing = |field| DecodeError::MissingField { op, field };
         Ok(match op {
+            // A dispatch may carry `"d": null` (RESUMED does on some gateways); it stays JSON null.
             OpCode::Dispatch => Self::Dispatch(Dispatch {
                 seq: frame.s.ok_or_else(|| missing("s"))?,
                 event: frame.t.ok_or_else(|| missing("t"))?.to_owned(),
-                data: frame.d.ok_or_else(|| missing("d"))?.to_owned(),
+                data: frame.d.unwrap_or(null()).to_owned(),
             }),
             OpCode::Heartbeat => Self::Heartbeat,
             OpCode::Reconnect => Self::Reconnect,
@@ -324,6 +325,10 @@ impl ClientPayload {
     }
 }
 
+fn null() -> &'static RawValue {
+    serde_json::from_str("null").expect("null is JSON")
+}
+
 fn parse_data<T: for<'de> Deserialize<'de>>(
     op: OpCode,
     data: Option<&RawValue>,
@@ -455,6 +460,16 @@ mod tests {
     }
 
     #[test]
+    fn dispatch_accepts_null_data() {
+        let text = br#"{"op":0,"s":9,"t":"RESUMED","d":null}"#;
+        let ServerPayload::Dispatch(dispatch) = ServerPayload::decode(text).unwrap() else {
+            panic!("expected a dispatch");
+        };
+        assert_eq!(dispatch.event, "RESUMED");
+        assert_eq!(dispatch.data.get(), "null");
+    }
+
+    #[test]
     fn decode_reports_bad_frames() {
         assert!(matches!(
             ServerPayload::decode(br#"{"op":5,"d":null}"#),
@@ -463,6 +478,10 @@ mod tests {
         assert!(matches!(
             ServerPayload::decode(br#"{"op":0,"d":{}}"#),
             Err(DecodeError::MissingField { field: "s", .. })
+        ));
+        assert!(matches!(
+            ServerPayload::decode(br#"{"op":0,"s":3,"d":{}}"#),
+            Err(DecodeError::MissingField { field: "t", .. })
         ));
         assert!(matches!(
             ServerPayload::decode(br#"{"op":2,"d":{}}"#),

@@ -63,6 +63,19 @@ impl ShardState {
     }
 
     async fn take_sequence(&mut self, seq: u64) {
+        // READY starts a session at 1; after it, or after RESUMED's replay, every dispatch must
+        // follow the previous one. A jump means the gateway lost events for this session.
+        if self.seq > 0 && seq > self.seq + 1 {
+            let missed = seq - self.seq - 1;
+            self.missed_events += missed;
+            tracing::warn!(
+                shard = self.args.shard,
+                expected = self.seq + 1,
+                received = seq,
+                missed,
+                "sequence gap"
+            );
+        }
         self.seq = self.seq.max(seq);
         self.unsaved += 1;
         if self.unsaved >= self.args.save_every {

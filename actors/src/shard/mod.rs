@@ -62,6 +62,8 @@ pub struct ShardStatus {
     pub guilds: u32,
     /// Member requests sent and not yet answered by their last chunk.
     pub outstanding_member_requests: u32,
+    /// Dispatches the gateway skipped (sequence gaps) since this actor started.
+    pub missed_events: u64,
 }
 
 /// Everything a ShardActor needs, built by the Supervisor for each incarnation.

@@ -1,7 +1,7 @@
 //! The ShardActor's state and its connection lifecycle: dial, permit, lease, IDENTIFY or RESUME,
 //! heartbeats, reconnects.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use ractor::rpc::CallResult;
@@ -76,8 +76,13 @@ pub struct ShardState {
     /// Member requests sent and not yet answered by their last chunk, by guild, with the nonce.
     pub(crate) outstanding: BTreeMap<u64, String>,
     nonce_counter: u64,
+    /// When each guild's members were last requested; a new request inside Discord's window
+    /// would only be answered with RATE_LIMITED.
+    last_requested: HashMap<u64, Instant>,
     /// Dispatches since the session was last saved.
     pub(crate) unsaved: u64,
+    /// Dispatches skipped by sequence gaps, over this incarnation's life.
+    pub(crate) missed_events: u64,
     parked: bool,
 }
 
@@ -121,7 +126,9 @@ impl ShardState {
             stabilize_timer: None,
             outstanding: BTreeMap::new(),
             nonce_counter: 0,
+            last_requested: HashMap::new(),
             unsaved: 0,
+            missed_events: 0,
             parked: false,
         })
     }
@@ -663,6 +670,22 @@ impl ShardState {
         if self.outstanding.contains_key(&guild_id) {
             return;
         }
+        let now = Instant::now();
+        let window = crate::gateway::MEMBER_REQUEST_WINDOW;
+        if self
+            .last_requested
+            .get(&guild_id)
+            .is_some_and(|at| now.duration_since(*at) < window)
+        {
+            tracing::debug!(
+                shard = self.args.shard,
+                guild_id,
+                ?reason,
+                "members requested within the last 30 s; skipped"
+            );
+            return;
+        }
+        self.last_requested.insert(guild_id, now);
         self.nonce_counter += 1;
         let nonce = format!("{}.{}", self.args.shard, self.nonce_counter);
         self.outstanding.insert(guild_id, nonce);
@@ -717,6 +740,7 @@ impl ShardState {
             latency_ms: self.heartbeat.latency.map(|l| l.as_millis() as u64),
             guilds: self.guilds.total,
             outstanding_member_requests: self.outstanding.len() as u32,
+            missed_events: self.missed_events,
         }
     }
 

@@ -1,5 +1,5 @@
-//! Answers to REQUEST_GUILD_MEMBERS: which members a request selects, and the
-//! GUILD_MEMBERS_CHUNK payloads that carry them.
+//! Member requests: the members a REQUEST_GUILD_MEMBERS selects, and the GUILD_MEMBERS_CHUNK
+//! payloads that carry them.
 
 use actors::gateway::{Intents, RequestGuildMembers, Snowflake};
 use serde::Serialize;
@@ -20,9 +20,9 @@ pub(super) const CHUNK_SIZE: u32 = 1000;
 pub(super) const MAX_LISTED_MEMBERS: usize = 100;
 
 impl MemberPlan {
-    /// Selects the members of a request by Discord's rules: `user_ids` returns those members and
-    /// lists the others in `not_found`; `query` "" with `limit` 0 returns every member; any other
-    /// query returns up to `limit` members whose username starts with it (case-insensitive).
+    /// Selects the members of a request by Discord's rules. `user_ids` returns those members and
+    /// lists the other ids in `not_found`. `query` "" with `limit` 0 returns every member. Any
+    /// other query returns up to `limit` members whose username starts with it, ignoring case.
     pub(super) fn resolve(guild: &Guild, request: &RequestGuildMembers, intents: Intents) -> Self {
         let selection = if let Some(user_ids) = &request.user_ids {
             select_user_ids(guild, user_ids)

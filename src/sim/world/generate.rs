@@ -338,8 +338,8 @@ impl Guild {
             2 => 150,
             _ => 250,
         };
-        let wanted = (scale * scale * 5.0) as usize;
-        let count = rng.random_range(0..=wanted.min(slots));
+        let target = (scale * scale * 5.0) as usize;
+        let count = rng.random_range(0..=target.min(slots));
         let created_ms = self.id.unix_ms();
         for _ in 0..count {
             let emoji = Emoji {
@@ -368,8 +368,8 @@ impl Guild {
             return;
         }
 
-        let most = (size / 500).clamp(2, 300);
-        let count = rng.random_range(0..=most).min(size / 2);
+        let max_connected = (size / 500).clamp(2, 300);
+        let count = rng.random_range(0..=max_connected).min(size / 2);
         for _ in 0..count {
             let Some(slot) = self.members.random_slot(rng, false) else {
                 return;
@@ -399,8 +399,8 @@ fn boost_count(rng: &mut Generator, size: u32) -> u32 {
     if !rng.random_bool(chance) {
         return 0;
     }
-    let most = (size / 100).clamp(2, 400);
-    rng.random_range(1..=most)
+    let max_boosts = (size / 100).clamp(2, 400);
+    rng.random_range(1..=max_boosts)
 }
 
 /// Generates the roles: @everyone (id = guild id, position 0), an admin and a moderator role,

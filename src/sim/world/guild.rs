@@ -13,11 +13,10 @@ use super::wire::{raw, ImageHash, Timestamp};
 /// channels, whatever the intents (Discord's GUILD_CREATE documentation).
 pub(super) const MEMBER_LIST_LIMIT: u32 = 75_000;
 
-/// Most members the GUILD_CREATE of a large guild carries.
+/// Maximum members in the GUILD_CREATE of a large guild.
 ///
-/// NOTE: Discord sends every online member of a large guild up to [`MEMBER_LIST_LIMIT`] members;
-/// this cap keeps the simulated payloads of guilds with tens of thousands online in the low
-/// megabytes.
+/// NOTE: Discord sends every online member of a large guild of up to [`MEMBER_LIST_LIMIT`]
+/// members. This cap keeps payloads of guilds with tens of thousands online at a few megabytes.
 pub(super) const MAX_INITIAL_MEMBERS: usize = 5_000;
 
 /// A voice state as GUILD_CREATE lists it: without `guild_id` and `member`.
@@ -176,12 +175,13 @@ impl Guild {
             .collect()
     }
 
-    /// Selects the members of GUILD_CREATE by Discord's rules: without the GUILD_PRESENCES intent
-    /// or above [`MEMBER_LIST_LIMIT`] members only members in voice channels, in a large guild
-    /// the members in voice and the online members (at most [`MAX_INITIAL_MEMBERS`]), otherwise
-    /// every member.
+    /// Selects the members of GUILD_CREATE by Discord's rules. Without the GUILD_PRESENCES
+    /// intent, or above [`MEMBER_LIST_LIMIT`] members, they are the members in voice channels. A
+    /// large guild lists the members in voice and the online members, at most
+    /// [`MAX_INITIAL_MEMBERS`]. Any other guild lists every member.
     ///
-    /// NOTE: Discord also includes the bot's own member; the world does not know the bot's user.
+    /// NOTE: Discord also lists the bot's own member, which is missing here because the world
+    /// does not know the bot's user.
     fn initial_member_slots(&self, large: bool, intents: Intents) -> Vec<u32> {
         let mut voice: Vec<u32> = self
             .voice

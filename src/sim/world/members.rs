@@ -1,7 +1,7 @@
 //! The members of one guild, derived on demand instead of stored.
 //!
 //! Every member occupies a slot number. The member in a slot is a pure function of the guild's
-//! seed and the slot, so a guild of 300,000 members costs a few fields. Only what the traffic
+//! seed and the slot, so a guild of 300,000 members is stored as a few fields. Only what the traffic
 //! changed is stored: the slots that left, the records of members who joined or were updated, and
 //! presence changes.
 
@@ -16,7 +16,7 @@ use super::random::{self, generator, mix, unit, Generator, DISCORD_LAUNCH_MS, WO
 use super::wire::{ImageHash, Timestamp};
 
 /// Number of member slots a guild can use. A user id carries its slot in the 22 low bits
-/// (worker, process and increment of a snowflake), which is how a user id finds its member.
+/// (worker, process and increment of a snowflake), so a lookup by user id reads the slot there.
 pub(super) const MAX_SLOTS: u32 = 1 << 22;
 
 /// Stream numbers that keep the independent per-member derivations apart.
@@ -137,12 +137,12 @@ impl Members {
     }
 
     /// Returns the slot where the next `count` current members starting at `start` end, so that
-    /// `start..end` holds exactly `count` current members (fewer at the end of the slots).
+    /// `start..end` contains exactly `count` current members (fewer at the end of the slots).
     pub(super) fn advance(&self, start: u32, count: u32) -> u32 {
         let mut end = start.saturating_add(count).min(self.slots);
         loop {
-            let left = self.removed.range(start..end).count() as u32;
-            let next = start.saturating_add(count + left).min(self.slots);
+            let removed = self.removed.range(start..end).count() as u32;
+            let next = start.saturating_add(count + removed).min(self.slots);
             if next == end {
                 return end;
             }
@@ -186,17 +186,18 @@ impl Members {
         Snowflake::from_parts(created_ms, u64::from(slot))
     }
 
-    /// Returns the presence status of the member in a slot.
+    /// Returns the presence status of the member in a slot. A derived status is not offline for
+    /// the guild's online share of members, who are online, idle and dnd in the ratio 60:25:15.
     pub(super) fn status(&self, slot: u32) -> Status {
         if let Some(status) = self.statuses.get(&slot) {
             return *status;
         }
-        let share = unit(mix(mix(self.seed, STATUS_STREAM), u64::from(slot))) / self.online_share;
-        if share >= 1.0 {
+        let draw = unit(mix(mix(self.seed, STATUS_STREAM), u64::from(slot))) / self.online_share;
+        if draw >= 1.0 {
             Status::Offline
-        } else if share < 0.6 {
+        } else if draw < 0.6 {
             Status::Online
-        } else if share < 0.85 {
+        } else if draw < 0.85 {
             Status::Idle
         } else {
             Status::Dnd
@@ -239,7 +240,7 @@ impl Members {
         self.changed.insert(record.slot, record);
     }
 
-    /// Adds a member who joined at `joined_at`, or returns `None` when every slot is used.
+    /// Adds a member who joined at `joined_at`. Returns `None` when every slot is used.
     pub(super) fn join(&mut self, joined_at: Timestamp) -> Option<MemberRecord> {
         if self.slots >= MAX_SLOTS {
             return None;

@@ -5,8 +5,8 @@ use rand::rngs::Xoshiro256PlusPlus;
 use rand::seq::IndexedRandom;
 use rand::{RngExt, SeedableRng};
 
-/// The generator of every random choice. Xoshiro256++ is portable, so a seed gives the same world
-/// on every platform and with every build of this crate.
+/// The generator of every random choice. rand 0.10 lists Xoshiro256++ among its portable,
+/// reproducible generators, unlike `SmallRng`, whose algorithm may change.
 pub(super) type Generator = Xoshiro256PlusPlus;
 
 /// Unix time of the simulated "now" in milliseconds (2025-06-01T00:00:00Z). Generated objects
@@ -23,8 +23,8 @@ pub(super) const GUILD_CREATED_MS: std::ops::Range<u64> = 1_451_606_400_000..1_7
 /// before it.
 pub(super) const BOT_CREATED_MS: u64 = 1_483_228_800_000;
 
-/// Smallest guild: Discord has no one-member guilds with a bot, the owner and the bot count two.
-pub(super) const SMALLEST_GUILD: u32 = 2;
+/// Minimum member count of a generated guild: a guild with the bot has the owner and the bot.
+pub(super) const MIN_GUILD_SIZE: u32 = 2;
 
 /// Scale of the Pareto distribution of guild sizes, in members.
 const SIZE_SCALE: f64 = 5.0;
@@ -55,17 +55,18 @@ pub(super) fn unit(hash: u64) -> f64 {
     (hash >> 11) as f64 / (1_u64 << 53) as f64
 }
 
-/// Draws a guild member count from a Pareto distribution, clamped to
-/// `[SMALLEST_GUILD, largest]`. Real bot guild lists have this shape: most guilds are small
-/// friend groups, and a handful of community guilds hold most of the members.
+/// Draws a guild member count from a Pareto distribution, clamped to `[MIN_GUILD_SIZE, largest]`.
+/// The heavy tail gives the shape of a large bot's guild list: mostly small friend groups, and a
+/// few community guilds with most of the members. The parameters are chosen for that shape, not
+/// fitted to measured data.
 pub(super) fn guild_size(rng: &mut Generator, largest: u32) -> u32 {
     let uniform: f64 = 1.0 - rng.random::<f64>();
     let size = SIZE_SCALE / uniform.powf(1.0 / SIZE_SHAPE);
-    let largest = largest.max(SMALLEST_GUILD);
+    let largest = largest.max(MIN_GUILD_SIZE);
     if size >= f64::from(largest) {
         largest
     } else {
-        (size as u32).max(SMALLEST_GUILD)
+        (size as u32).max(MIN_GUILD_SIZE)
     }
 }
 
@@ -384,7 +385,7 @@ mod tests {
         let mut rng = generator(7, 0);
         for _ in 0..10_000 {
             let size = guild_size(&mut rng, 1000);
-            assert!((SMALLEST_GUILD..=1000).contains(&size), "size {size}");
+            assert!((MIN_GUILD_SIZE..=1000).contains(&size), "size {size}");
         }
     }
 

@@ -270,8 +270,8 @@ fn pick_guild(world: &mut ShardWorld) -> Option<Snowflake> {
     traffic.picks.get(index).map(|(_, id)| *id)
 }
 
-/// A MESSAGE_CREATE from a random member in a text channel or an active thread. Without the
-/// MESSAGE_CONTENT intent `content` is empty, as Discord sends it.
+/// Posts a message of a random member in a text channel or an active thread, as
+/// MESSAGE_CREATE. Without the MESSAGE_CONTENT intent `content` is empty, as Discord sends it.
 fn message_create(
     traffic: &mut Traffic,
     guild: &mut Guild,
@@ -369,7 +369,7 @@ fn record_message(guild: &mut Guild, channel_id: Snowflake, message_id: Snowflak
     }
 }
 
-/// A PRESENCE_UPDATE of a random member who changes status.
+/// Changes the status of a random member, as PRESENCE_UPDATE.
 fn presence_update(traffic: &mut Traffic, guild: &mut Guild) -> Option<Box<RawValue>> {
     let slot = guild.members.random_slot(&mut traffic.rng, false)?;
     let status = match traffic.rng.random_range(0..20) {
@@ -386,7 +386,7 @@ fn presence_update(traffic: &mut Traffic, guild: &mut Guild) -> Option<Box<RawVa
     Some(raw(&presence))
 }
 
-/// A GUILD_MEMBER_ADD of a new member; `member_count` grows by one.
+/// Adds a new member, as GUILD_MEMBER_ADD. The guild's `member_count` grows by one.
 fn member_add(traffic: &mut Traffic, guild: &mut Guild) -> Option<Box<RawValue>> {
     let record = guild.members.join(traffic.now())?;
     let payload = GuildMemberView {
@@ -396,7 +396,7 @@ fn member_add(traffic: &mut Traffic, guild: &mut Guild) -> Option<Box<RawValue>>
     Some(raw(&payload))
 }
 
-/// A GUILD_MEMBER_UPDATE of a random member whose nickname, roles or timeout change.
+/// Changes the nickname, roles or timeout of a random member, as GUILD_MEMBER_UPDATE.
 fn member_update(traffic: &mut Traffic, guild: &mut Guild) -> Option<Box<RawValue>> {
     let slot = guild.members.random_slot(&mut traffic.rng, false)?;
     let mut record = guild.members.get(slot)?;
@@ -444,7 +444,8 @@ fn toggle_random_role(rng: &mut Generator, guild: &Guild, roles: &mut Vec<Snowfl
     }
 }
 
-/// A GUILD_MEMBER_REMOVE of a random member other than the owner; `member_count` drops by one.
+/// Removes a random member other than the owner, as GUILD_MEMBER_REMOVE. The guild's
+/// `member_count` drops by one.
 fn member_remove(traffic: &mut Traffic, guild: &mut Guild) -> Option<Box<RawValue>> {
     let slot = guild.members.random_slot(&mut traffic.rng, true)?;
     let record = guild.members.get(slot)?;
@@ -457,7 +458,8 @@ fn member_remove(traffic: &mut Traffic, guild: &mut Guild) -> Option<Box<RawValu
     Some(raw(&payload))
 }
 
-/// A GUILD_ROLE_CREATE of a role named "new role", as Discord names a role created without one.
+/// Creates a role named "new role", the name Discord gives a role created without one, as
+/// GUILD_ROLE_CREATE.
 fn role_create(traffic: &mut Traffic, guild: &mut Guild) -> Box<RawValue> {
     let role = new_role(traffic.mint(), "new role".to_owned(), 1, Permissions::NONE);
     let payload = RoleView {
@@ -469,7 +471,7 @@ fn role_create(traffic: &mut Traffic, guild: &mut Guild) -> Box<RawValue> {
     data
 }
 
-/// A GUILD_ROLE_UPDATE that renames, recolors, hoists or makes mentionable a role.
+/// Renames, recolors, hoists or toggles the mentionability of a role, as GUILD_ROLE_UPDATE.
 fn role_update(traffic: &mut Traffic, guild: &mut Guild) -> Option<Box<RawValue>> {
     let index = pick_editable_role(&mut traffic.rng, guild)?;
     let rng = &mut traffic.rng;
@@ -488,7 +490,7 @@ fn role_update(traffic: &mut Traffic, guild: &mut Guild) -> Option<Box<RawValue>
     Some(raw(&payload))
 }
 
-/// A GUILD_ROLE_DELETE of a role; members and channel overwrites lose it.
+/// Deletes a role, as GUILD_ROLE_DELETE. Members and channel overwrites lose it.
 fn role_delete(traffic: &mut Traffic, guild: &mut Guild) -> Option<Box<RawValue>> {
     let index = pick_editable_role(&mut traffic.rng, guild)?;
     let role_id = guild.roles[index].id;
@@ -516,7 +518,8 @@ fn pick_editable_role(rng: &mut Generator, guild: &Guild) -> Option<usize> {
     Some(editable[rng.random_range(0..editable.len())])
 }
 
-/// A CHANNEL_CREATE of a text or voice channel, under a random category if the guild has any.
+/// Creates a text or voice channel under a random category if the guild has any, as
+/// CHANNEL_CREATE.
 fn channel_create(traffic: &mut Traffic, guild: &mut Guild) -> Box<RawValue> {
     let id = traffic.mint();
     let rng = &mut traffic.rng;
@@ -550,7 +553,7 @@ fn channel_create(traffic: &mut Traffic, guild: &mut Guild) -> Box<RawValue> {
     data
 }
 
-/// A CHANNEL_UPDATE that changes the topic, slowmode, name or user limit of a channel.
+/// Changes the topic, slowmode, name or user limit of a channel, as CHANNEL_UPDATE.
 fn channel_update(traffic: &mut Traffic, guild: &mut Guild) -> Option<Box<RawValue>> {
     let candidates: Vec<usize> = guild
         .channels
@@ -585,8 +588,8 @@ fn channel_update(traffic: &mut Traffic, guild: &mut Guild) -> Option<Box<RawVal
     }))
 }
 
-/// A CHANNEL_DELETE of a text or voice channel. The last text channel stays, because messages
-/// need one.
+/// Deletes a text or voice channel, as CHANNEL_DELETE. The last text channel stays, because
+/// messages need one.
 fn channel_delete(traffic: &mut Traffic, guild: &mut Guild) -> Option<Box<RawValue>> {
     let text_count = guild
         .channels
@@ -611,8 +614,8 @@ fn channel_delete(traffic: &mut Traffic, guild: &mut Guild) -> Option<Box<RawVal
     }))
 }
 
-/// A GUILD_UPDATE that renames the guild, changes its verification level or gains or loses a
-/// boost.
+/// Renames a guild, changes its verification level or adds or removes a boost, as
+/// GUILD_UPDATE.
 fn guild_update(traffic: &mut Traffic, guild: &mut Guild) -> Box<RawValue> {
     let rng = &mut traffic.rng;
     match rng.random_range(0..3) {
@@ -629,11 +632,12 @@ fn guild_update(traffic: &mut Traffic, guild: &mut Guild) -> Box<RawValue> {
     guild.guild_update()
 }
 
-/// The bot joins a new guild whose id routes to this shard: GUILD_CREATE without `unavailable`.
+/// Joins the bot to a new guild whose id routes to this shard, as GUILD_CREATE without
+/// `unavailable`.
 ///
-/// NOTE: Discord's documentation does not spell out the `unavailable` field of a join; omitting
-/// it follows twilight-model 0.18, whose `Guild::unavailable` notes that a missing field marks a
-/// newly joined guild.
+/// NOTE: Discord's documentation does not describe `unavailable` for a join. Omitting it follows
+/// twilight-model 0.18, whose `Guild::unavailable` documentation ties a missing field to a new
+/// guild.
 fn join_guild(world: &mut ShardWorld, intents: Intents, large_threshold: u32) -> Box<RawValue> {
     let traffic = &mut world.traffic;
     let size = guild_size(&mut traffic.rng, world.largest_guild);
@@ -673,8 +677,9 @@ fn routed_guild_id(rng: &mut Generator, shard_id: u32, shard_count: u32, now_ms:
     id
 }
 
-/// The bot leaves or is removed from a random guild: GUILD_DELETE without `unavailable`, which
-/// is how Discord tells a removal from an outage. The shard's last guild stays.
+/// Removes the bot from a random guild, as GUILD_DELETE without `unavailable`: Discord's
+/// documentation marks a removal by the missing field and an outage by `true`. The shard's last
+/// guild stays.
 fn leave_guild(world: &mut ShardWorld) -> Option<Box<RawValue>> {
     if world.guilds.len() < 2 {
         return None;

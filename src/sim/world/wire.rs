@@ -98,7 +98,8 @@ impl Permissions {
     pub(super) const USE_APPLICATION_COMMANDS: u64 = 1 << 31;
     pub(super) const MODERATE_MEMBERS: u64 = 1 << 40;
 
-    /// The permissions of a new guild's @everyone role.
+    /// The permissions of the generated @everyone roles: view, chat, react, attach, invite,
+    /// connect and speak.
     pub(super) const EVERYONE: Self = Self(
         Self::CREATE_INSTANT_INVITE
             | Self::ADD_REACTIONS
@@ -135,7 +136,8 @@ impl Serialize for Permissions {
     }
 }
 
-/// Serializes a value of the world's payload types, which cannot fail.
+/// Serializes a payload of the world. Its types have string keys and infallible `Serialize`
+/// implementations, so serialization does not fail.
 pub(super) fn raw(value: &impl Serialize) -> Box<RawValue> {
     to_raw_value(value).expect("world payloads always serialize")
 }
