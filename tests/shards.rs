@@ -365,3 +365,74 @@ async fn restart_during_pacing_keeps_bucket() {
     }
     service.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_given_up_after_restart_limit() {
+    let extra = "";
+    let mut config = config("restart-limit", 2, 2, extra);
+    config.supervision.shard_max_restarts = 2;
+    config.supervision.backoff_base = Duration::from_millis(20);
+    config.supervision.backoff_max = Duration::from_millis(50);
+    let service = start(config).await;
+
+    for round in 1..=3 {
+        eventually(Duration::from_secs(10), "shard 0 running again", || async {
+            let stages = match service.supervisor.call(SupervisorMsg::Stages, None).await {
+                Ok(CallResult::Success(stages)) => stages,
+                _ => return false,
+            };
+            let name = names::shard(&service.config.process.name, 0);
+            stages
+                .iter()
+                .any(|(shard, _, restarts)| *shard == 0 && *restarts == round - 1)
+                && names::lookup::<ShardMsg>(&name).is_some()
+        })
+        .await;
+        let restarted = service
+            .supervisor
+            .call(
+                |reply| SupervisorMsg::RestartShard { shard: 0, reply },
+                None,
+            )
+            .await;
+        assert!(
+            matches!(restarted, Ok(CallResult::Success(Ok(())))),
+            "restart {round} refused"
+        );
+    }
+
+    eventually(Duration::from_secs(10), "shard 0 given up", || async {
+        match service.supervisor.call(SupervisorMsg::Stages, None).await {
+            Ok(CallResult::Success(stages)) => stages.iter().any(|(shard, stage, _)| {
+                *shard == 0 && matches!(stage, ShardStage::GaveUp { restarts: 2 })
+            }),
+            _ => false,
+        }
+    })
+    .await;
+    let log = match service
+        .supervisor
+        .call(SupervisorMsg::RestartLog, None)
+        .await
+    {
+        Ok(CallResult::Success(log)) => log,
+        _ => panic!("restart log call failed"),
+    };
+    assert_eq!(log.len(), 2, "restart log: {log:?}");
+    for (index, event) in log.iter().enumerate() {
+        assert_eq!(event.actor, "shard");
+        assert_eq!(event.shard, Some(0));
+        assert_eq!(event.attempt, index as u32 + 1);
+        assert!(
+            event.reason.contains("operator"),
+            "reason {:?}",
+            event.reason
+        );
+        assert!(event.backoff <= Duration::from_millis(50));
+    }
+    assert!(
+        status(&service, 1).await.stage.is_steady(),
+        "shard 1 affected"
+    );
+    service.shutdown().await;
+}
