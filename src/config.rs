@@ -121,6 +121,7 @@ const KEYS: &[KeySpec] = &[
     ),
     key("identify.grace"),
     key("identify.unsent_timeout"),
+    key("identify.session_start_reserve"),
     legacy(
         "stabilize.permits",
         "IDENTIFY_STABILIZE_CONCURRENCY",
@@ -208,6 +209,8 @@ pub struct IdentifyConfig {
     pub pacing: Duration,
     pub grace: Duration,
     pub unsent_timeout: Duration,
+    /// IDENTIFY is refused while the fleet's remaining session starts are at or below this.
+    pub session_start_reserve: u32,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -611,6 +614,7 @@ impl Reader<'_> {
             pacing: self.duration("identify.pacing", Duration::ZERO),
             grace: self.duration("identify.grace", Duration::ZERO),
             unsent_timeout: self.duration("identify.unsent_timeout", Duration::from_secs(1)),
+            session_start_reserve: self.u32("identify.session_start_reserve", 0),
         };
         self.choice("identify.backend", &["in-process"]);
         let stabilize = StabilizeConfig {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actors::backoff::Backoff;
-use actors::coordinator::{CoordinatorArgs, InProcessBackend};
+use actors::coordinator::{CoordinatorArgs, InProcessBackend, SessionBudget};
 use actors::gate::GateArgs;
 use actors::gateway::payload::GatewayBot;
 use actors::gateway::Token;
@@ -352,6 +352,17 @@ async fn fetch_gateway_bot(api: &str, token: &Token) -> Result<GatewayBot, RunEr
         .map_err(|e| error(format!("invalid response: {e}")))
 }
 
+/// The session-start budget `GET /gateway/bot` reported, with the configured reserve.
+fn session_budget(config: &Config, gateway: &GatewayBot) -> SessionBudget {
+    let limit = &gateway.session_start_limit;
+    SessionBudget {
+        total: limit.total,
+        remaining: limit.remaining,
+        reset_after: Duration::from_millis(limit.reset_after),
+        reserve: config.identify.session_start_reserve,
+    }
+}
+
 fn supervisor_args(
     config: &Config,
     token: Token,
@@ -414,7 +425,7 @@ fn supervisor_args(
             grace: config.identify.grace,
             unsent_timeout: config.identify.unsent_timeout,
             backend_retry: Duration::from_millis(500),
-            backend: Arc::new(InProcessBackend),
+            backend: Arc::new(InProcessBackend::new(session_budget(config, gateway))),
         },
         gate: GateArgs {
             permits: config.stabilize.permits,

@@ -7,7 +7,9 @@
 //! its holder stops, so a stuck or crashed shard cannot keep the gate shut.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::task::JoinHandle;

@@ -72,7 +72,8 @@ pub trait StateStore: Send + Sync + 'static {
     /// Returns the stored state of a shard, if any.
     async fn load_shard(&self, shard: u32, name: &str) -> Result<Option<ShardRecord>, PortError>;
 
-    /// Stores the state of a shard.
+    /// Stores the state of a shard. A store that writes in batches commits the record after
+    /// every write applied before this call, so a stored sequence never runs ahead of the cache.
     async fn save_shard(&self, record: &ShardRecord) -> Result<(), PortError>;
 
     /// Returns the cache's row counts.
@@ -88,6 +89,18 @@ pub trait EventSink: Send + Sync + 'static {
     ///
     /// [`PortError::Unavailable`] when the event could not be accepted.
     async fn push(&self, event: &str, data: &RawValue) -> Result<(), PortError>;
+
+    /// Returns once every event pushed before the call has been accepted by every target. A
+    /// shard calls it before it saves its sequence, so a stored sequence never passes an event
+    /// that was not delivered.
+    ///
+    /// # Errors
+    ///
+    /// [`PortError::Unavailable`] when a target could not take the events in time; the caller
+    /// retries.
+    async fn flush(&self) -> Result<(), PortError> {
+        Ok(())
+    }
 }
 
 /// Where the Sweeper keeps its position, so a restart goes on where it stopped.

@@ -1,6 +1,9 @@
-//! Where bucket locks live: in this process, or fleet-wide in etcd.
+//! Where bucket locks and the session-start budget live: in this process, or fleet-wide in etcd.
 
+use std::sync::Mutex;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use async_trait::async_trait;
 
@@ -11,6 +14,37 @@ use crate::store::PortError;
 pub struct BackendLock {
     pub bucket: u32,
     pub handle: u64,
+}
+
+/// Discord's daily session-start limit as `GET /gateway/bot` reported it, and the reserve below
+/// which this fleet stops identifying. Exceeding the limit makes Discord end every session and
+/// reset the token, so the last starts are kept for emergencies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionBudget {
+    pub total: u32,
+    pub remaining: u32,
+    /// Time until `remaining` resets to `total`.
+    pub reset_after: Duration,
+    /// IDENTIFY is refused while `remaining` is at or below this.
+    pub reserve: u32,
+}
+
+/// Why an IDENTIFY must not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentifyRefusal {
+    /// The bucket lock expired or was taken over (a partition, a revoked lease).
+    #[error("the bucket lock was lost")]
+    LockLost,
+    /// The session-start budget reached the reserve.
+    #[error("session starts at the reserve: {remaining} left, reserve {reserve}; the budget resets in {reset_in:?}")]
+    BudgetExhausted {
+        remaining: u32,
+        reserve: u32,
+        reset_in: Duration,
+    },
+    /// The backend could not be asked.
+    #[error(transparent)]
+    Unavailable(#[from] PortError),
 }
 
 /// The lock service behind the IdentifyCoordinator. Inside one process the coordinator already
@@ -28,9 +62,14 @@ pub trait IdentifyBackend: Send + Sync + 'static {
     /// [`PortError::Unavailable`] when the backend cannot be reached; the caller retries.
     async fn acquire(&self, bucket: u32, hold: Duration) -> Result<BackendLock, PortError>;
 
-    /// Returns `true` while the lock is still held: checked right before IDENTIFY is sent, so a
-    /// lock lost to a partition or an expired lease never covers an IDENTIFY.
-    async fn still_held(&self, lock: BackendLock) -> bool;
+    /// Confirms right before IDENTIFY that the lock is still held and spends one session start,
+    /// as one atomic step, so that neither a lost lock nor an exhausted budget ever covers an
+    /// IDENTIFY.
+    ///
+    /// # Errors
+    ///
+    /// An [`IdentifyRefusal`]; IDENTIFY must not be sent.
+    async fn begin_identify(&self, lock: BackendLock) -> Result<(), IdentifyRefusal>;
 
     /// Releases a lock.
     ///
@@ -42,9 +81,39 @@ pub trait IdentifyBackend: Send + Sync + 'static {
 }
 
 /// The backend of a single process: every bucket is free as soon as the coordinator asks, since
-/// the coordinator itself serializes the holders of a bucket.
-#[derive(Debug, Default)]
-pub struct InProcessBackend;
+/// the coordinator itself serializes the holders of a bucket, and the budget is counted here.
+#[derive(Debug)]
+pub struct InProcessBackend {
+    budget: Mutex<LocalBudget>,
+}
+
+#[derive(Debug)]
+struct LocalBudget {
+    budget: SessionBudget,
+    resets_at: Instant,
+}
+
+impl InProcessBackend {
+    /// Creates the backend with the budget `GET /gateway/bot` reported.
+    pub fn new(budget: SessionBudget) -> Self {
+        Self {
+            budget: Mutex::new(LocalBudget {
+                resets_at: Instant::now() + budget.reset_after,
+                budget,
+            }),
+        }
+    }
+
+    /// Creates a backend with Discord's default budget (1000 starts) and no reserve, for tests.
+    pub fn unlimited() -> Self {
+        Self::new(SessionBudget {
+            total: u32::MAX,
+            remaining: u32::MAX,
+            reset_after: Duration::from_secs(24 * 60 * 60),
+            reserve: 0,
+        })
+    }
+}
 
 #[async_trait]
 impl IdentifyBackend for InProcessBackend {
@@ -56,11 +125,57 @@ impl IdentifyBackend for InProcessBackend {
         Ok(BackendLock { bucket, handle: 0 })
     }
 
-    async fn still_held(&self, _lock: BackendLock) -> bool {
-        true
+    async fn begin_identify(&self, _lock: BackendLock) -> Result<(), IdentifyRefusal> {
+        let mut local = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if now >= local.resets_at {
+            local.budget.remaining = local.budget.total;
+            local.resets_at = now + Duration::from_secs(24 * 60 * 60);
+        }
+        let budget = &mut local.budget;
+        if budget.remaining <= budget.reserve {
+            return Err(IdentifyRefusal::BudgetExhausted {
+                remaining: budget.remaining,
+                reserve: budget.reserve,
+                reset_in: local.resets_at.saturating_duration_since(now),
+            });
+        }
+        budget.remaining -= 1;
+        Ok(())
     }
 
     async fn release(&self, _lock: BackendLock) -> Result<(), PortError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn budget_stops_at_reserve() {
+        let backend = InProcessBackend::new(SessionBudget {
+            total: 1000,
+            remaining: 3,
+            reset_after: Duration::from_secs(60),
+            reserve: 1,
+        });
+        let lock = backend.acquire(0, Duration::from_secs(5)).await.unwrap();
+        assert!(backend.begin_identify(lock).await.is_ok());
+        assert!(backend.begin_identify(lock).await.is_ok());
+        let refusal = backend.begin_identify(lock).await.unwrap_err();
+        assert!(
+            matches!(
+                refusal,
+                IdentifyRefusal::BudgetExhausted {
+                    remaining: 1,
+                    reserve: 1,
+                    ..
+                }
+            ),
+            "{refusal:?}"
+        );
+        assert!(refusal.to_string().contains("resets in"), "{refusal}");
     }
 }

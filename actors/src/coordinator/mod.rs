@@ -13,12 +13,14 @@ mod backend;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::task::JoinHandle;
 
-pub use backend::{BackendLock, IdentifyBackend, InProcessBackend};
+pub use backend::{BackendLock, IdentifyBackend, IdentifyRefusal, InProcessBackend, SessionBudget};
 
 use crate::store::PortError;
 
@@ -71,8 +73,8 @@ pub enum CoordinatorMsg {
         reply: RpcReplyPort<Lease>,
     },
     /// The holder is about to send IDENTIFY: replies `true` and starts the release timer if the
-    /// lease is still held (in this process and in the backend), `false` otherwise, in which case
-    /// IDENTIFY must not be sent.
+    /// lease is still held (in this process and in the backend) and a session start is left,
+    /// `false` otherwise, in which case IDENTIFY must not be sent.
     BeginIdentify {
         lease: Lease,
         reply: RpcReplyPort<bool>,
@@ -96,6 +98,8 @@ pub enum CoordinatorMsg {
     PacingElapsed { lease: Lease },
     /// Internal: a lease was held too long without IDENTIFY.
     UnsentElapsed { lease: Lease },
+    /// Internal: the session-start budget's reset time passed.
+    BudgetReset,
 }
 
 struct Waiter {
@@ -133,6 +137,8 @@ pub struct CoordinatorState {
     next_arrival: u64,
     /// Buckets whose backend is failing, so an outage is logged once, not per retry.
     failing: HashMap<u32, Instant>,
+    /// No lease is granted before this: the session-start budget is at its reserve.
+    budget_blocked_until: Option<Instant>,
 }
 
 /// The IdentifyCoordinator actor.
@@ -166,6 +172,7 @@ impl Actor for IdentifyCoordinator {
             next_lease: 1,
             next_arrival: 0,
             failing: HashMap::new(),
+            budget_blocked_until: None,
         })
     }
 
@@ -219,6 +226,18 @@ impl Actor for IdentifyCoordinator {
                 state.pump(&myself, bucket);
             }
             CoordinatorMsg::PacingElapsed { lease } => state.pacing_elapsed(&myself, lease),
+            CoordinatorMsg::BudgetReset => {
+                if state
+                    .budget_blocked_until
+                    .is_some_and(|until| Instant::now() >= until)
+                {
+                    tracing::info!("session-start budget reset; identifying again");
+                    state.budget_blocked_until = None;
+                    for bucket in 0..state.buckets.len() as u32 {
+                        state.pump(&myself, bucket);
+                    }
+                }
+            }
             CoordinatorMsg::UnsentElapsed { lease } => {
                 state.release_unsent(&myself, lease, "not used in time");
             }
@@ -247,6 +266,9 @@ impl CoordinatorState {
 
     /// Starts a backend acquire for a bucket that is free and has waiters.
     fn pump(&mut self, myself: &ActorRef<CoordinatorMsg>, bucket: u32) {
+        if self.budget_blocked_until.is_some() {
+            return;
+        }
         let state = &mut self.buckets[bucket as usize];
         state.waiters.retain(|_, waiter| !waiter.reply.is_closed());
         if state.holding.is_some() || state.acquiring.is_some() || state.waiters.is_empty() {
@@ -352,19 +374,15 @@ impl CoordinatorState {
         else {
             return false;
         };
-        if !self.args.backend.still_held(holding.lock).await {
-            tracing::warn!(
-                bucket = lease.bucket,
-                shard = holding.shard,
-                "bucket lock lost before IDENTIFY; retrying"
-            );
+        if let Err(refusal) = self.args.backend.begin_identify(holding.lock).await {
+            let shard = holding.shard;
             let lock = holding.lock;
             if let Some(timer) = holding.timer.take() {
                 timer.abort();
             }
             bucket.holding = None;
             self.release_backend(lock);
-            self.pump(myself, lease.bucket);
+            self.refused(myself, lease.bucket, shard, refusal);
             return false;
         }
 
@@ -385,6 +403,43 @@ impl CoordinatorState {
             "IDENTIFY begun"
         );
         true
+    }
+
+    /// Handles a refused IDENTIFY. A lost lock is retried at once; an exhausted budget stops
+    /// every grant until it resets, since any IDENTIFY below the reserve risks the token.
+    fn refused(
+        &mut self,
+        myself: &ActorRef<CoordinatorMsg>,
+        bucket: u32,
+        shard: u32,
+        refusal: IdentifyRefusal,
+    ) {
+        match refusal {
+            IdentifyRefusal::BudgetExhausted { reset_in, .. } => {
+                let until = Instant::now() + reset_in;
+                if self.budget_blocked_until.is_none() {
+                    tracing::error!(shard, %refusal, "IDENTIFY refused: session starts are at the reserve; no shard identifies until the budget resets, resumes go on");
+                }
+                self.budget_blocked_until = Some(until);
+                let coordinator = myself.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(reset_in).await;
+                    let _ = coordinator.cast(CoordinatorMsg::BudgetReset);
+                });
+            }
+            IdentifyRefusal::LockLost => {
+                tracing::warn!(
+                    bucket,
+                    shard,
+                    "bucket lock lost before IDENTIFY; asking again"
+                );
+                self.pump(myself, bucket);
+            }
+            IdentifyRefusal::Unavailable(error) => {
+                tracing::warn!(bucket, shard, %error, "identify backend failed before IDENTIFY; asking again");
+                self.pump(myself, bucket);
+            }
+        }
     }
 
     fn pacing_elapsed(&mut self, myself: &ActorRef<CoordinatorMsg>, lease: Lease) {

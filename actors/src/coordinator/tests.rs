@@ -19,7 +19,7 @@ async fn coordinator(max_concurrency: u32) -> ActorRef<CoordinatorMsg> {
         grace: GRACE,
         unsent_timeout: UNSENT,
         backend_retry: Duration::from_millis(100),
-        backend: Arc::new(InProcessBackend),
+        backend: Arc::new(InProcessBackend::unlimited()),
     };
     let (actor, _) = Actor::spawn(None, IdentifyCoordinator, args).await.unwrap();
     actor
@@ -335,8 +335,8 @@ impl IdentifyBackend for FlakyBackend {
         Ok(BackendLock { bucket, handle: 1 })
     }
 
-    async fn still_held(&self, _lock: BackendLock) -> bool {
-        true
+    async fn begin_identify(&self, _lock: BackendLock) -> Result<(), IdentifyRefusal> {
+        Ok(())
     }
 
     async fn release(&self, _lock: BackendLock) -> Result<(), PortError> {
@@ -366,4 +366,48 @@ async fn backend_outage_delays_grant() {
         started.elapsed()
     );
     assert_eq!(lease.bucket, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn exhausted_budget_stops_grants_until_reset() {
+    let reset_after = Duration::from_secs(600);
+    let args = CoordinatorArgs {
+        max_concurrency: 4,
+        pacing: PACING,
+        grace: GRACE,
+        unsent_timeout: UNSENT,
+        backend_retry: Duration::from_millis(100),
+        backend: Arc::new(InProcessBackend::new(SessionBudget {
+            total: 1000,
+            remaining: 3,
+            reset_after,
+            reserve: 1,
+        })),
+    };
+    let (coordinator, _) = Actor::spawn(None, IdentifyCoordinator, args).await.unwrap();
+
+    let first = request(&coordinator, 0, 1).await.unwrap();
+    assert!(begin(&coordinator, first).await);
+    let second = request(&coordinator, 1, 2).await.unwrap();
+    assert!(begin(&coordinator, second).await);
+    let third = request(&coordinator, 2, 3).await.unwrap();
+    assert!(
+        !begin(&coordinator, third).await,
+        "IDENTIFY allowed at the reserve"
+    );
+
+    // Nothing is granted while the budget is at the reserve, in any bucket.
+    let mut waiting = request(&coordinator, 3, 4);
+    tokio::time::sleep(reset_after / 2).await;
+    assert!(
+        waiting.try_recv().is_err(),
+        "a lease was granted below the reserve"
+    );
+
+    let lease = tokio::time::timeout(reset_after, waiting)
+        .await
+        .expect("no grant after the budget reset")
+        .unwrap();
+    assert_eq!(lease.bucket, 3);
+    assert!(begin(&coordinator, lease).await);
 }

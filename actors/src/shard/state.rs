@@ -709,8 +709,12 @@ impl ShardState {
             .send(ClientPayload::RequestGuildMembers(request).encode());
     }
 
-    /// Saves the session and the stage.
+    /// Saves the session and the stage, once every event pushed so far is delivered.
     pub(crate) async fn save(&mut self) {
+        if let Err(error) = self.args.sink.flush().await {
+            tracing::warn!(shard = self.args.shard, %error, "event sink not flushed; the session is saved with the next save");
+            return;
+        }
         let record = ShardRecord {
             shard: self.args.shard,
             name: self.args.name.clone(),
