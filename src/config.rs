@@ -175,6 +175,7 @@ const KEYS: &[KeySpec] = &[
     key("simulator.dispatch_rate"),
     key("simulator.ready_delay"),
     key("log.format"),
+    key("log.health_interval"),
 ];
 
 /// Process identity and range.
@@ -276,6 +277,8 @@ pub struct Config {
     pub supervision: SupervisionConfig,
     pub simulator: SimulatorConfig,
     pub json_logs: bool,
+    /// Time between two `unstable=N total=M` lines.
+    pub health_interval: Duration,
 }
 
 /// Command-line values that override the configuration.
@@ -647,6 +650,7 @@ impl Reader<'_> {
         let simulator = self.read_simulator();
         self.check_pacing(&gateway, &identify, &simulator);
         let json_logs = self.choice("log.format", &["human", "json"]) == "json";
+        let health_interval = self.duration("log.health_interval", Duration::from_secs(1));
         Config {
             process,
             gateway,
@@ -658,6 +662,7 @@ impl Reader<'_> {
             supervision,
             simulator,
             json_logs,
+            health_interval,
         }
     }
 

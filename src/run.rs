@@ -97,6 +97,7 @@ pub struct Service {
     pub config: Config,
     pub supervisor: ActorRef<SupervisorMsg>,
     supervisor_task: tokio::task::JoinHandle<()>,
+    health_task: tokio::task::JoinHandle<()>,
     pub simulator: Option<Simulator>,
     pub store: Arc<MemoryStore>,
     pub sink: Arc<MemorySink>,
@@ -145,10 +146,21 @@ impl Service {
             .await
             .map_err(|error| RunError::Spawn(error.to_string()))?;
 
+        let stages = match supervisor.call(SupervisorMsg::Watch, None).await {
+            Ok(CallResult::Success(stages)) => stages,
+            _ => {
+                return Err(RunError::Spawn(
+                    "the supervisor stopped right after starting".to_owned(),
+                ))
+            }
+        };
+        let health_task = tokio::spawn(log_health(stages, config.health_interval));
+
         Ok(Self {
             config,
             supervisor,
             supervisor_task,
+            health_task,
             simulator,
             store,
             sink,
@@ -209,6 +221,7 @@ impl Service {
 
     /// Saves every session, closes every connection with a resumable code and stops the tree.
     pub async fn shutdown(self) {
+        self.health_task.abort();
         let _ = self
             .supervisor
             .call(SupervisorMsg::Shutdown, Some(Duration::from_secs(30)))
@@ -269,6 +282,22 @@ impl StageCounts {
             self.connecting,
             self.failed
         )
+    }
+}
+
+/// Logs how many shards of the range are not steady, every `interval`; after a mass reconnect
+/// the number should fall to 0 quickly.
+async fn log_health(stages: Vec<(u32, watch::Receiver<ShardStage>)>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let total = stages.len();
+        let unstable = stages
+            .iter()
+            .filter(|(_, stage)| !stage.borrow().is_steady())
+            .count();
+        tracing::info!(unstable, total, "unstable={unstable} total={total}");
     }
 }
 

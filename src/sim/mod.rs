@@ -9,6 +9,7 @@
 //! - [`world`]: the generated guilds and the steady traffic.
 //! - [`session`]: sequence numbers and the replay buffer.
 //! - `server` and `connection`: the HTTP API and the gateway protocol of one connection.
+//! - `stream`: READY, GUILD_CREATEs, steady traffic and member chunks of a session.
 //! - [`fault`] and [`report`]: what tests inject and what they read back.
 
 pub mod config;
@@ -18,6 +19,7 @@ mod identify;
 pub mod report;
 mod server;
 mod session;
+mod stream;
 pub mod world;
 
 use std::collections::HashMap;
