@@ -169,6 +169,7 @@ const KEYS: &[KeySpec] = &[
     key("simulator.guilds"),
     key("simulator.largest_guild"),
     key("simulator.seed"),
+    key("simulator.session_start_total"),
     key("simulator.identify_window"),
     key("simulator.heartbeat_interval"),
     key("simulator.member_request_window"),
@@ -257,6 +258,8 @@ pub struct SimulatorConfig {
     pub guilds: u32,
     pub largest_guild: u32,
     pub seed: u64,
+    /// Daily session starts of the simulated bot.
+    pub session_start_total: u32,
     pub identify_window: Duration,
     pub heartbeat_interval: Duration,
     pub member_request_window: Duration,
@@ -778,6 +781,7 @@ impl Reader<'_> {
             guilds: self.u32("simulator.guilds", 0),
             largest_guild: self.u32("simulator.largest_guild", 2),
             seed: self.integer("simulator.seed", 0, i64::MAX) as u64,
+            session_start_total: self.u32("simulator.session_start_total", 1),
             identify_window: self.duration("simulator.identify_window", Duration::ZERO),
             heartbeat_interval: self
                 .duration("simulator.heartbeat_interval", Duration::from_millis(10)),

@@ -240,7 +240,8 @@ struct StageCounts {
     steady: u32,
     failed: u32,
     connecting: u32,
-    waiting: u32,
+    waiting_permit: u32,
+    waiting_lease: u32,
     identifying: u32,
     streaming: u32,
 }
@@ -254,9 +255,8 @@ impl StageCounts {
                 ShardStage::Steady => counts.steady += 1,
                 ShardStage::Fatal { .. } | ShardStage::GaveUp { .. } => counts.failed += 1,
                 ShardStage::Connecting | ShardStage::Reconnecting { .. } => counts.connecting += 1,
-                ShardStage::WaitingForPermit | ShardStage::WaitingForLease { .. } => {
-                    counts.waiting += 1
-                }
+                ShardStage::WaitingForPermit => counts.waiting_permit += 1,
+                ShardStage::WaitingForLease { .. } => counts.waiting_lease += 1,
                 ShardStage::Identifying | ShardStage::Resuming => counts.identifying += 1,
                 ShardStage::StreamingGuilds { .. } | ShardStage::Stabilizing => {
                     counts.streaming += 1
@@ -272,13 +272,14 @@ impl StageCounts {
 
     fn progress_line(&self, elapsed: Duration) -> String {
         format!(
-            "progress elapsed_s={:.0} steady={}/{} streaming={} identifying={} waiting={} connecting={} failed={}",
+            "progress elapsed_s={:.0} steady={}/{} streaming={} identifying={} waiting_lease={} waiting_permit={} connecting={} failed={}",
             elapsed.as_secs_f64(),
             self.steady,
             self.total,
             self.streaming,
             self.identifying,
-            self.waiting,
+            self.waiting_lease,
+            self.waiting_permit,
             self.connecting,
             self.failed
         )
@@ -340,6 +341,8 @@ fn simulator_config(config: &Config, token: Token) -> SimConfig {
         heartbeat_timeout: sim.heartbeat_interval + Duration::from_secs(10),
         identify_window: sim.identify_window,
         member_request_window: sim.member_request_window,
+        session_start_total: sim.session_start_total,
+        session_start_remaining: sim.session_start_total,
         dispatch_rate: sim.dispatch_rate,
         ready_delay: sim.ready_delay,
         world: WorldConfig {

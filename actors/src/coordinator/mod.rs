@@ -3,9 +3,11 @@
 //!
 //! Discord accepts one IDENTIFY per bucket (`shard_id % max_concurrency`) per 5 seconds. A shard
 //! dials and reads HELLO first, then asks for its bucket's lease, calls
-//! [`CoordinatorMsg::BeginIdentify`] and sends IDENTIFY. The coordinator releases the bucket
-//! `pacing + grace` after that call, whether READY arrived or not, so a slow READY never wedges a
-//! bucket. A holder that stops or hands the lease back before IDENTIFY frees the bucket at once.
+//! [`CoordinatorMsg::BeginIdentify`], sends IDENTIFY and reports [`CoordinatorMsg::IdentifyWritten`]
+//! once the frame left its socket. The coordinator releases the bucket `pacing + grace` after
+//! that report, whether READY arrived or not, so a slow READY never wedges a bucket. Timing the
+//! hold from the write rather than from the grant keeps a shard whose writer task ran late from
+//! shortening the gap to the next IDENTIFY. A holder that stops or hands the lease back before IDENTIFY frees the bucket at once.
 //! The release timer belongs to the coordinator: a restarted shard cannot carry it along, and a
 //! timer of an old lease finds a newer lease id and does nothing.
 
@@ -79,6 +81,8 @@ pub enum CoordinatorMsg {
         lease: Lease,
         reply: RpcReplyPort<bool>,
     },
+    /// The holder's IDENTIFY left its socket: the pacing window starts now.
+    IdentifyWritten { lease: Lease },
     /// The holder gives back a lease it did not use. Ignored once IDENTIFY was begun: the bucket
     /// then frees only on the timer.
     Release { lease: Lease },
@@ -112,10 +116,28 @@ struct Holding {
     shard: u32,
     holder: ActorId,
     since: Instant,
+    /// `BeginIdentify` succeeded: the bucket now frees only on the pacing timer.
     sent: bool,
+    /// The holder reported the IDENTIFY written; the pacing timer runs from then.
+    written: bool,
     lock: BackendLock,
     /// The pending timer of this lease, aborted when the lease ends first.
     timer: Option<JoinHandle<()>>,
+}
+
+impl Holding {
+    /// Replaces the lease's timer with a pacing timer of `hold`.
+    fn restart_timer(&mut self, myself: &ActorRef<CoordinatorMsg>, hold: Duration) {
+        if let Some(timer) = self.timer.take() {
+            timer.abort();
+        }
+        let lease = self.lease;
+        let coordinator = myself.clone();
+        self.timer = Some(tokio::spawn(async move {
+            tokio::time::sleep(hold).await;
+            let _ = coordinator.cast(CoordinatorMsg::PacingElapsed { lease });
+        }));
+    }
 }
 
 #[derive(Default)]
@@ -225,6 +247,7 @@ impl Actor for IdentifyCoordinator {
                 state.buckets[bucket as usize].acquiring = None;
                 state.pump(&myself, bucket);
             }
+            CoordinatorMsg::IdentifyWritten { lease } => state.identify_written(&myself, lease),
             CoordinatorMsg::PacingElapsed { lease } => state.pacing_elapsed(&myself, lease),
             CoordinatorMsg::BudgetReset => {
                 if state
@@ -353,6 +376,7 @@ impl CoordinatorState {
                 holder: waiter.holder,
                 since: Instant::now(),
                 sent: false,
+                written: false,
                 lock,
                 timer: Some(timer),
             });
@@ -386,16 +410,12 @@ impl CoordinatorState {
             return false;
         }
 
+        // Until the holder reports the write, the bucket is held long enough for a write that
+        // takes a whole extra pacing window; a holder that never reports (its connection died)
+        // thus frees the bucket late, never early.
         holding.sent = true;
-        if let Some(timer) = holding.timer.take() {
-            timer.abort();
-        }
-        let hold = self.args.pacing + self.args.grace;
-        let coordinator = myself.clone();
-        holding.timer = Some(tokio::spawn(async move {
-            tokio::time::sleep(hold).await;
-            let _ = coordinator.cast(CoordinatorMsg::PacingElapsed { lease });
-        }));
+        let hold = self.args.pacing * 2 + self.args.grace;
+        holding.restart_timer(myself, hold);
         tracing::debug!(
             bucket = lease.bucket,
             shard = holding.shard,
@@ -439,6 +459,21 @@ impl CoordinatorState {
                 tracing::warn!(bucket, shard, %error, "identify backend failed before IDENTIFY; asking again");
                 self.pump(myself, bucket);
             }
+        }
+    }
+
+    fn identify_written(&mut self, myself: &ActorRef<CoordinatorMsg>, lease: Lease) {
+        let hold = self.args.pacing + self.args.grace;
+        let Some(bucket) = self.buckets.get_mut(lease.bucket as usize) else {
+            return;
+        };
+        if let Some(holding) = bucket
+            .holding
+            .as_mut()
+            .filter(|h| h.lease == lease && h.sent && !h.written)
+        {
+            holding.written = true;
+            holding.restart_timer(myself, hold);
         }
     }
 

@@ -52,6 +52,17 @@ fn request(
 }
 
 async fn begin(coordinator: &ActorRef<CoordinatorMsg>, lease: Lease) -> bool {
+    let begun = begin_only(coordinator, lease).await;
+    if begun {
+        coordinator
+            .cast(CoordinatorMsg::IdentifyWritten { lease })
+            .unwrap();
+    }
+    begun
+}
+
+/// Begins IDENTIFY without reporting the write, as a holder whose connection died would.
+async fn begin_only(coordinator: &ActorRef<CoordinatorMsg>, lease: Lease) -> bool {
     let result = coordinator
         .call(|reply| CoordinatorMsg::BeginIdentify { lease, reply }, None)
         .await
@@ -410,4 +421,45 @@ async fn exhausted_budget_stops_grants_until_reset() {
         .unwrap();
     assert_eq!(lease.bucket, 3);
     assert!(begin(&coordinator, lease).await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unreported_write_holds_longer() {
+    let coordinator = coordinator(1).await;
+    let lease = request(&coordinator, 0, 1).await.unwrap();
+    assert!(begin_only(&coordinator, lease).await);
+
+    let next = request(&coordinator, 1, 2);
+    let started = Instant::now();
+    next.await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= PACING * 2 + GRACE - Duration::from_millis(10),
+        "freed after {waited:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn pacing_runs_from_the_write() {
+    let coordinator = coordinator(1).await;
+    let lease = request(&coordinator, 0, 1).await.unwrap();
+    assert!(begin_only(&coordinator, lease).await);
+
+    // The writer reports the frame sent 300 ms after BeginIdentify: the window starts then.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let written_at = Instant::now();
+    coordinator
+        .cast(CoordinatorMsg::IdentifyWritten { lease })
+        .unwrap();
+    let next = request(&coordinator, 1, 2);
+    next.await.unwrap();
+    let waited = written_at.elapsed();
+    assert!(
+        waited >= PACING + GRACE - Duration::from_millis(10),
+        "freed {waited:?} after the write"
+    );
+    assert!(
+        waited <= PACING + GRACE + Duration::from_millis(10),
+        "freed {waited:?} after the write"
+    );
 }

@@ -141,8 +141,11 @@ pub(crate) async fn dial(
 
 /// What the actor asks the writer to do.
 pub(crate) enum Outgoing {
-    /// Send now, ahead of queued commands (heartbeats, IDENTIFY, RESUME).
+    /// Send now, ahead of queued commands (heartbeats, RESUME).
     Urgent(String),
+    /// Send now and report when the frame left the socket (IDENTIFY, whose pacing window is
+    /// timed from the write).
+    UrgentReported(String, tokio::sync::oneshot::Sender<()>),
     /// Send a close frame and stop.
     Close(CloseCode),
 }
@@ -293,6 +296,12 @@ async fn write_loop(
                     if sink.send(Message::text(text)).await.is_err() {
                         return;
                     }
+                }
+                Some(Outgoing::UrgentReported(text, written)) => {
+                    if sink.send(Message::text(text)).await.is_err() {
+                        return;
+                    }
+                    let _ = written.send(());
                 }
                 Some(Outgoing::Close(code)) => {
                     let frame = CloseFrame {

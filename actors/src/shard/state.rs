@@ -358,7 +358,20 @@ impl ShardState {
             presence: None,
             intents: self.args.intents.0,
         });
-        self.send_urgent(identify.encode());
+        let (written, on_written) = tokio::sync::oneshot::channel();
+        if let Some(link) = &self.link {
+            let _ = link
+                .urgent
+                .send(Outgoing::UrgentReported(identify.encode(), written));
+        }
+        let coordinator = names::coordinator(&self.args.name);
+        tokio::spawn(async move {
+            if on_written.await.is_ok() {
+                if let Some(coordinator) = names::lookup::<CoordinatorMsg>(&coordinator) {
+                    let _ = coordinator.cast(CoordinatorMsg::IdentifyWritten { lease });
+                }
+            }
+        });
         tracing::debug!(
             shard = self.args.shard,
             bucket = lease.bucket,

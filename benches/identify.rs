@@ -1,0 +1,97 @@
+//! Brings 1024 shards in 16 buckets up against the simulator at a scaled identify window, once
+//! per identify backend, and compares each run with Discord's floor,
+//! `ceil(shards / buckets) × window`.
+//!
+//! Run with `make bench-identify`. The last lines are one per backend:
+//! `result bench-identify backend=<name> shards=1024 buckets=16 floor_s=<s> elapsed_s=<s> ratio=<r> violations=<n>`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use shardvisor::config::{Config, Overrides};
+use shardvisor::run::{Service, Summary};
+
+const SHARDS: u32 = 1024;
+const BUCKETS: u32 = 16;
+
+/// The simulator's identify window, scaled down from Discord's 5 s so that 64 rounds take about a
+/// minute. Pacing equals the window and the grace is 5 % of it, as in production (5 s and 250 ms).
+/// At 250 ms with a 25 ms grace, the simulator and 1024 shards on two cores delayed single
+/// IDENTIFYs by more than the grace during the initial flood.
+const WINDOW: Duration = Duration::from_millis(1000);
+
+fn config(name: &str, backend_section: &str) -> Config {
+    let window_ms = WINDOW.as_millis();
+    let file = format!(
+        r#"
+        [process]
+        shards = {SHARDS}
+        [identify]
+        pacing = "{window_ms}ms"
+        grace = "50ms"
+        {backend_section}
+        [stabilize]
+        permits = {BUCKETS}
+        hold = "50ms"
+        max_hold = "1s"
+        [gateway]
+        guild_timeout = "10s"
+        [sweep]
+        enabled = false
+        [simulator]
+        session_start_total = 5000
+        max_concurrency = {BUCKETS}
+        guilds = {guilds}
+        largest_guild = 200
+        identify_window = "{window_ms}ms"
+        dispatch_rate = 0.2
+        [log]
+        format = "human"
+        "#,
+        guilds = SHARDS * 4,
+    );
+    let overrides = Overrides {
+        name: Some(name.to_owned()),
+        ..Overrides::default()
+    };
+    Config::from_sources(Some(("bench", &file)), &BTreeMap::new(), &overrides)
+        .unwrap_or_else(|errors| panic!("bench configuration invalid:\n{errors}"))
+}
+
+async fn run(backend: &str, config: Config) -> Summary {
+    let service = Service::start(config).await.expect("service starts");
+    let summary = service.wait_until_stable().await;
+    if let Some(simulator) = &service.simulator {
+        for violation in simulator.report().violations {
+            eprintln!(
+                "{backend}: violation {:?} shard {:?} at {} ms: {}",
+                violation.kind, violation.shard, violation.at_ms, violation.detail
+            );
+        }
+    }
+    service.shutdown().await;
+    eprintln!("{backend}: {}", summary.line());
+    summary
+}
+
+fn result_line(backend: &str, summary: &Summary) -> String {
+    format!(
+        "result bench-identify backend={backend} shards={} buckets={} floor_s={:.2} elapsed_s={:.2} ratio={:.3} violations={}",
+        summary.shards,
+        summary.buckets,
+        summary.floor_s,
+        summary.elapsed_s,
+        summary.elapsed_s / summary.floor_s,
+        summary.identify_violations
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    let in_process = run(
+        "in-process",
+        config("bench-in-process", "backend = \"in-process\""),
+    )
+    .await;
+    println!("{}", result_line("in-process", &in_process));
+}
