@@ -1,7 +1,7 @@
 # The README's two commands: `make run` and `make test`.
 CARGO ?= cargo
 
-.PHONY: run test sim deps fmt lint
+.PHONY: run test sim deps fmt lint bench-identify bench-store bench-events
 
 deps:
 	./scripts/ensure-deps
@@ -26,3 +26,14 @@ fmt:
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Benchmarks: each ends with `result <bench> <key>=<value> ...` lines; docs/BENCHMARKS.md keeps
+# the results with the command, the machine and the date.
+bench-identify: deps
+	$(CARGO) bench --bench identify
+
+bench-store: deps
+	$(CARGO) bench --bench store
+
+bench-events: deps
+	$(CARGO) bench --bench events

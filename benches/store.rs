@@ -61,7 +61,10 @@ struct Data {
 
 /// Returns a member object of about 600 bytes, shaped like Discord's.
 fn member_json(user: i64, index: usize) -> String {
-    let avatar = format!("{:032x}", (user as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let avatar = format!(
+        "{:032x}",
+        (user as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    );
     let role = |k: i64| (user % 50 + k) * 4_194_304 + 81_384_788_765_712_384;
     serde_json::json!({
         "user": {
@@ -151,7 +154,9 @@ impl BenchDatabase {
             .await
             .expect("drop a leftover bench database");
         admin
-            .batch_execute(&format!("CREATE DATABASE {name} ENCODING 'UTF8' TEMPLATE template0"))
+            .batch_execute(&format!(
+                "CREATE DATABASE {name} ENCODING 'UTF8' TEMPLATE template0"
+            ))
             .await
             .expect("create the bench database");
         let url = format!("{server} dbname={name}");
@@ -199,7 +204,10 @@ async fn run_writer(url: &str, data: &Arc<Data>, batch_rows: usize) -> f64 {
             let (store, data) = (store.clone(), data.clone());
             tokio::spawn(async move {
                 for chunk in data.chunks.iter().skip(shard).step_by(SHARDS) {
-                    if let Err(error) = store.apply(shard as u32, "GUILD_MEMBERS_CHUNK", chunk).await {
+                    if let Err(error) = store
+                        .apply(shard as u32, "GUILD_MEMBERS_CHUNK", chunk)
+                        .await
+                    {
                         panic!("apply failed: {error}");
                     }
                 }
@@ -213,7 +221,11 @@ async fn run_writer(url: &str, data: &Arc<Data>, batch_rows: usize) -> f64 {
     let elapsed = started.elapsed();
 
     let totals = store.totals().await.expect("totals");
-    assert_eq!(totals.members, data.rows.len() as u64, "writer lost members");
+    assert_eq!(
+        totals.members,
+        data.rows.len() as u64,
+        "writer lost members"
+    );
     if let Ok(store) = Arc::try_unwrap(store) {
         store.close().await;
     }
@@ -313,7 +325,10 @@ async fn run_raw(client: &mut Client, path: Path, rows: &[MemberRow], batch: usi
         let transaction = client.transaction().await.expect("begin");
         match path {
             Path::UnnestText => {
-                transaction.execute(&upsert, &[guilds, users, data]).await.expect("upsert");
+                transaction
+                    .execute(&upsert, &[guilds, users, data])
+                    .await
+                    .expect("upsert");
             }
             Path::UnnestCounts => {
                 transaction
@@ -327,12 +342,18 @@ async fn run_raw(client: &mut Client, path: Path, rows: &[MemberRow], batch: usi
                     .take(data.len())
                     .map(|row| serde_json::from_str(&row.json).expect("valid JSON"))
                     .collect();
-                transaction.execute(&upsert, &[guilds, users, &values]).await.expect("upsert");
+                transaction
+                    .execute(&upsert, &[guilds, users, &values])
+                    .await
+                    .expect("upsert");
             }
             Path::Values => {
                 let statement = match &values {
                     Some(statement) if data.len() == batch => statement.clone(),
-                    _ => transaction.prepare(&values_sql(data.len())).await.expect("prepare"),
+                    _ => transaction
+                        .prepare(&values_sql(data.len()))
+                        .await
+                        .expect("prepare"),
                 };
                 let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(data.len() * 3);
                 for row in 0..data.len() {
@@ -340,7 +361,10 @@ async fn run_raw(client: &mut Client, path: Path, rows: &[MemberRow], batch: usi
                     params.push(&users[row]);
                     params.push(&data[row]);
                 }
-                transaction.execute(&statement, &params).await.expect("values upsert");
+                transaction
+                    .execute(&statement, &params)
+                    .await
+                    .expect("values upsert");
             }
             Path::CopyMerge | Path::CopyFresh => {
                 let target = match path {
@@ -349,7 +373,10 @@ async fn run_raw(client: &mut Client, path: Path, rows: &[MemberRow], batch: usi
                 };
                 let sql = format!("COPY {target} (guild_id, user_id, data) FROM STDIN BINARY");
                 let sink = transaction.copy_in(&sql).await.expect("copy in");
-                let mut writer = pin!(BinaryCopyInWriter::new(sink, &[Type::INT8, Type::INT8, Type::JSONB]));
+                let mut writer = pin!(BinaryCopyInWriter::new(
+                    sink,
+                    &[Type::INT8, Type::INT8, Type::JSONB]
+                ));
                 for row in 0..data.len() {
                     writer
                         .as_mut()
@@ -422,7 +449,8 @@ fn env_usize(name: &str, default: usize) -> usize {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let candidates = std::env::args().any(|arg| arg == "--candidates");
-    let server = std::env::var("BENCH_STORE_POSTGRES").unwrap_or_else(|_| DEFAULT_SERVER.to_owned());
+    let server =
+        std::env::var("BENCH_STORE_POSTGRES").unwrap_or_else(|_| DEFAULT_SERVER.to_owned());
     let rows = env_usize("BENCH_STORE_ROWS", 200_000);
     let rounds = env_usize("BENCH_STORE_ROUNDS", 3).max(1);
     let batch_rows = PostgresOptions::new("").batch_rows;
@@ -430,7 +458,9 @@ async fn main() {
     let database = BenchDatabase::create(&server).await;
     let data = Arc::new(make_data(rows));
     let average = data.rows.iter().map(|row| row.json.len()).sum::<usize>() / rows.max(1);
-    println!("bench-store rows={rows} member_bytes={average} batch_rows={batch_rows} rounds={rounds}");
+    println!(
+        "bench-store rows={rows} member_bytes={average} batch_rows={batch_rows} rounds={rounds}"
+    );
 
     // The store creates the tables, so both paths write the same schema.
     let store = PostgresStore::connect(PostgresOptions::new(database.url.as_str()))
@@ -460,6 +490,9 @@ async fn main() {
     drop(client);
     database.drop_database().await;
 
-    println!("result bench-store path=writer rows_per_s={:.0}", median(writer));
+    println!(
+        "result bench-store path=writer rows_per_s={:.0}",
+        median(writer)
+    );
     println!("result bench-store path=raw rows_per_s={:.0}", median(raw));
 }

@@ -78,6 +78,8 @@ enum LegacyForm {
     Seconds,
     /// A comma-separated list, for a list key.
     CommaList,
+    /// Verbatim text, for a string key whose value is itself structured (JSON).
+    Text,
 }
 
 /// One known key: its path and the variable of the replaced service that also sets it.
@@ -114,6 +116,9 @@ const KEYS: &[KeySpec] = &[
     key("gateway.reconnect_backoff_max"),
     key("gateway.save_every"),
     key("identify.backend"),
+    key("identify.etcd_endpoints"),
+    key("identify.etcd_prefix"),
+    key("sweep.etcd_prefix"),
     legacy(
         "identify.pacing",
         "IDENTIFY_PACING_SECONDS",
@@ -153,6 +158,10 @@ const KEYS: &[KeySpec] = &[
     ),
     key("store.backend"),
     key("events.sink"),
+    key("events.redis_url"),
+    legacy("events.multi_redis", "MULTI_REDIS", LegacyForm::Text),
+    key("events.buffer_events"),
+    key("events.overflow"),
     legacy(
         "events.whitelist",
         "WHITELIST_EVENTS",
@@ -208,6 +217,11 @@ pub struct GatewayConfig {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct IdentifyConfig {
+    /// etcd client URLs when the etcd backend is selected; `None` for the in-process backend.
+    pub etcd_endpoints: Option<Vec<String>>,
+    pub etcd_prefix: String,
+    /// Key prefix of the sweep cursors in etcd.
+    pub sweep_etcd_prefix: String,
     pub pacing: Duration,
     pub grace: Duration,
     pub unsent_timeout: Duration,
@@ -239,6 +253,17 @@ pub struct SweepConfig {
 pub struct EventsConfig {
     /// Event names to push; empty pushes every event.
     pub whitelist: Vec<String>,
+    /// `None` for the in-memory sink.
+    pub redis: Option<RedisOutput>,
+}
+
+/// The Redis output: one target, or several with their own whitelists.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RedisOutput {
+    /// Addresses and whitelists of every target.
+    pub targets: Vec<crate::adapters::redis::TargetOptions>,
+    pub buffer_events: usize,
+    pub overflow: crate::adapters::redis::Overflow,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -472,6 +497,7 @@ fn legacy_value(text: &str, form: LegacyForm) -> Option<Value> {
             (seconds.is_finite() && seconds >= 0.0)
                 .then(|| Value::String(format!("{}ms", (seconds * 1000.0).round() as u64)))
         }
+        LegacyForm::Text => Some(Value::String(text.to_owned())),
         LegacyForm::CommaList => Some(Value::Array(
             text.split(',')
                 .map(str::trim)
@@ -616,13 +642,23 @@ impl Reader<'_> {
     fn read(mut self) -> Config {
         let process = self.read_process();
         let gateway = self.read_gateway();
+        let backend = self.choice("identify.backend", &["in-process", "etcd"]);
+        let endpoints = self.strings("identify.etcd_endpoints");
+        if backend == "etcd" && endpoints.is_empty() {
+            self.fail(
+                "identify.etcd_endpoints",
+                "list at least one etcd client URL, such as [\"http://127.0.0.1:2379\"]",
+            );
+        }
         let identify = IdentifyConfig {
+            etcd_endpoints: (backend == "etcd").then_some(endpoints),
+            etcd_prefix: self.string("identify.etcd_prefix"),
+            sweep_etcd_prefix: self.string("sweep.etcd_prefix"),
             pacing: self.duration("identify.pacing", Duration::ZERO),
             grace: self.duration("identify.grace", Duration::ZERO),
             unsent_timeout: self.duration("identify.unsent_timeout", Duration::from_secs(1)),
             session_start_reserve: self.u32("identify.session_start_reserve", 0),
         };
-        self.choice("identify.backend", &["in-process"]);
         let stabilize = StabilizeConfig {
             permits: self.u32("stabilize.permits", 1),
             hold: self.duration("stabilize.hold", Duration::ZERO),
@@ -645,10 +681,7 @@ impl Reader<'_> {
             requests_per_second: self.float("sweep.requests_per_second", 0.001, 1000.0),
         };
         self.choice("store.backend", &["memory"]);
-        self.choice("events.sink", &["memory"]);
-        let events = EventsConfig {
-            whitelist: self.strings("events.whitelist"),
-        };
+        let events = self.read_events();
         let supervision = self.read_supervision();
         let simulator = self.read_simulator();
         self.check_pacing(&gateway, &identify, &simulator);
@@ -754,6 +787,50 @@ impl Reader<'_> {
             );
         }
         config
+    }
+
+    fn read_events(&mut self) -> EventsConfig {
+        use crate::adapters::redis::{parse_multi_redis, parse_whitelist, Overflow, TargetOptions};
+
+        let mut whitelist = Vec::new();
+        for name in self.strings("events.whitelist") {
+            match parse_whitelist(&name) {
+                Ok(names) => whitelist.extend(names),
+                Err(message) => self.fail("events.whitelist", message),
+            }
+        }
+
+        let sink = self.choice("events.sink", &["memory", "redis"]);
+        let redis_url = self.string("events.redis_url");
+        let multi_redis = self.string("events.multi_redis");
+        let buffer_events = self.integer("events.buffer_events", 1, i64::from(u32::MAX)) as usize;
+        let overflow = match self.choice("events.overflow", &["wait", "drop"]).as_str() {
+            "drop" => Overflow::Drop,
+            _ => Overflow::Wait,
+        };
+        if sink != "redis" {
+            return EventsConfig {
+                whitelist,
+                redis: None,
+            };
+        }
+
+        let targets = match parse_multi_redis(&multi_redis) {
+            Ok(targets) if targets.is_empty() => vec![TargetOptions::new(&redis_url)],
+            Ok(targets) => targets,
+            Err(message) => {
+                self.fail("events.multi_redis", message);
+                Vec::new()
+            }
+        };
+        EventsConfig {
+            whitelist,
+            redis: Some(RedisOutput {
+                targets,
+                buffer_events,
+                overflow,
+            }),
+        }
     }
 
     fn read_supervision(&mut self) -> SupervisionConfig {

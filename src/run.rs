@@ -6,20 +6,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actors::backoff::Backoff;
-use actors::coordinator::{CoordinatorArgs, InProcessBackend, SessionBudget};
+use actors::coordinator::{CoordinatorArgs, IdentifyBackend, InProcessBackend, SessionBudget};
 use actors::gate::GateArgs;
 use actors::gateway::payload::GatewayBot;
 use actors::gateway::Token;
 use actors::names;
 use actors::shard::{ShardArgs, ShardStage, StabilizeMode};
-use actors::store::{EventSink, StateStore};
+use actors::store::{CursorStore, EventSink, StateStore};
 use actors::supervisor::{RestartPolicy, Supervisor, SupervisorArgs, SupervisorMsg};
 use actors::sweeper::SweeperArgs;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use tokio::sync::watch;
 
+use crate::adapters::counted::CountedSink;
+use crate::adapters::etcd::{EtcdBackend, EtcdCursorOptions, EtcdCursorStore, EtcdOptions};
 use crate::adapters::memory::{MemorySink, MemoryStore};
+use crate::adapters::redis::{RedisSink, RedisSinkOptions};
 use crate::config::Config;
 use crate::sim::world::WorldConfig;
 use crate::sim::{SimConfig, Simulator, ViolationKind};
@@ -44,6 +47,12 @@ pub enum RunError {
     GatewayBot { url: String, reason: String },
     #[error("the actor tree failed to start: {0}")]
     Spawn(String),
+    #[error("failed to connect to {what}: {source}")]
+    Backend {
+        what: &'static str,
+        #[source]
+        source: actors::store::PortError,
+    },
 }
 
 /// How a run ended.
@@ -100,7 +109,11 @@ pub struct Service {
     health_task: tokio::task::JoinHandle<()>,
     pub simulator: Option<Simulator>,
     pub store: Arc<MemoryStore>,
-    pub sink: Arc<MemorySink>,
+    /// The sink the shards push to: the configured output behind the global whitelist.
+    pub sink: Arc<CountedSink>,
+    /// The in-memory output, when it is the configured one.
+    pub memory_sink: Option<Arc<MemorySink>>,
+    redis: Option<Arc<RedisSink>>,
     pub started: Instant,
     pub max_concurrency: u32,
 }
@@ -138,9 +151,17 @@ impl Service {
         );
 
         let store = Arc::new(MemoryStore::new());
-        let sink = Arc::new(MemorySink::new());
+        let (sink, memory_sink, redis) = connect_sink(&config).await?;
         let max_concurrency = gateway.session_start_limit.max_concurrency.max(1);
-        let args = supervisor_args(&config, token, &gateway, store.clone(), sink.clone());
+        let backends = Backends::connect(&config, &gateway, &store).await?;
+        let args = supervisor_args(
+            &config,
+            token,
+            &gateway,
+            store.clone(),
+            sink.clone(),
+            backends,
+        );
         let name = names::supervisor(&config.process.name);
         let (supervisor, supervisor_task) = Actor::spawn(Some(name), Supervisor, args)
             .await
@@ -164,6 +185,8 @@ impl Service {
             simulator,
             store,
             sink,
+            memory_sink,
+            redis,
             started,
             max_concurrency,
         })
@@ -213,7 +236,7 @@ impl Service {
             floor_s: f64::from(rounds) * window.as_secs_f64(),
             elapsed_s,
             identify_violations,
-            events: self.sink.total(),
+            events: self.sink.pushed(),
             guilds_cached: totals.guilds,
             members_cached: totals.members,
         }
@@ -227,6 +250,11 @@ impl Service {
             .call(SupervisorMsg::Shutdown, Some(Duration::from_secs(30)))
             .await;
         let _ = self.supervisor_task.await;
+        if let Some(redis) = self.redis {
+            if let Err(error) = redis.close().await {
+                tracing::warn!(%error, "events left undelivered at shutdown; the next process resumes and replays them");
+            }
+        }
         if let Some(simulator) = self.simulator {
             simulator.shutdown().await;
         }
@@ -384,6 +412,89 @@ async fn fetch_gateway_bot(api: &str, token: &Token) -> Result<GatewayBot, RunEr
         .map_err(|e| error(format!("invalid response: {e}")))
 }
 
+/// Connects the configured event output and wraps it with the global whitelist and the count.
+async fn connect_sink(
+    config: &Config,
+) -> Result<
+    (
+        Arc<CountedSink>,
+        Option<Arc<MemorySink>>,
+        Option<Arc<RedisSink>>,
+    ),
+    RunError,
+> {
+    let Some(redis) = &config.events.redis else {
+        let memory = Arc::new(MemorySink::new());
+        let sink = CountedSink::new(memory.clone(), &config.events.whitelist);
+        return Ok((Arc::new(sink), Some(memory), None));
+    };
+
+    let options = RedisSinkOptions {
+        targets: redis.targets.clone(),
+        whitelist: config.events.whitelist.clone(),
+        buffer_events: redis.buffer_events,
+        overflow: redis.overflow,
+        ..RedisSinkOptions::default()
+    };
+    let sink = RedisSink::connect(options)
+        .await
+        .map_err(|source| RunError::Backend {
+            what: "Redis (event output)",
+            source,
+        })?;
+    let sink = Arc::new(sink);
+    // The Redis sink applies the whitelists itself, per target.
+    Ok((
+        Arc::new(CountedSink::new(sink.clone(), &[])),
+        None,
+        Some(sink),
+    ))
+}
+
+/// The identify backend and the sweep cursor store selected by the configuration.
+struct Backends {
+    identify: Arc<dyn IdentifyBackend>,
+    cursors: Arc<dyn CursorStore>,
+}
+
+impl Backends {
+    async fn connect(
+        config: &Config,
+        gateway: &GatewayBot,
+        store: &Arc<MemoryStore>,
+    ) -> Result<Self, RunError> {
+        let budget = session_budget(config, gateway);
+        let Some(endpoints) = &config.identify.etcd_endpoints else {
+            return Ok(Self {
+                identify: Arc::new(InProcessBackend::new(budget)),
+                cursors: store.clone(),
+            });
+        };
+
+        let mut options = EtcdOptions::new(endpoints.clone(), budget);
+        options.prefix = config.identify.etcd_prefix.clone();
+        let identify = EtcdBackend::connect(options)
+            .await
+            .map_err(|source| RunError::Backend {
+                what: "etcd (identify backend)",
+                source,
+            })?;
+        let mut cursor_options = EtcdCursorOptions::new(endpoints.clone());
+        cursor_options.prefix = config.identify.sweep_etcd_prefix.clone();
+        let cursors = EtcdCursorStore::connect(cursor_options)
+            .await
+            .map_err(|source| RunError::Backend {
+                what: "etcd (sweep cursors)",
+                source,
+            })?;
+        tracing::info!(endpoints = ?endpoints, prefix = %config.identify.etcd_prefix, "identify backend: etcd");
+        Ok(Self {
+            identify: Arc::new(identify),
+            cursors: Arc::new(cursors),
+        })
+    }
+}
+
 /// The session-start budget `GET /gateway/bot` reported, with the configured reserve.
 fn session_budget(config: &Config, gateway: &GatewayBot) -> SessionBudget {
     let limit = &gateway.session_start_limit;
@@ -400,13 +511,14 @@ fn supervisor_args(
     token: Token,
     gateway: &GatewayBot,
     store: Arc<MemoryStore>,
-    sink: Arc<MemorySink>,
+    sink: Arc<CountedSink>,
+    backends: Backends,
 ) -> SupervisorArgs {
     let max_concurrency = gateway.session_start_limit.max_concurrency.max(1);
     let gw = &config.gateway;
     let sweeper = config.sweep.enabled.then(|| SweeperArgs {
         store: store.clone(),
-        cursors: store.clone(),
+        cursors: backends.cursors,
         name: config.process.name.clone(),
         shard_count: config.process.shards,
         shards: config.process.start..config.process.stop,
@@ -457,7 +569,7 @@ fn supervisor_args(
             grace: config.identify.grace,
             unsent_timeout: config.identify.unsent_timeout,
             backend_retry: Duration::from_millis(500),
-            backend: Arc::new(InProcessBackend::new(session_budget(config, gateway))),
+            backend: backends.identify,
         },
         gate: GateArgs {
             permits: config.stabilize.permits,

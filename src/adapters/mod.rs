@@ -1,6 +1,14 @@
 //! Adapters that implement the ports of the `actors` crate (`StateStore`, `EventSink`,
-//! `CursorStore`) on concrete backends.
+//! `CursorStore`, `IdentifyBackend`) on concrete backends.
 //!
 //! - [`memory`]: in-process maps, for the simulator and the tests.
+//! - [`etcd`]: the fleet-wide identify backend and the sweep cursors.
+//! - [`postgres`]: the guild-state cache and the shard sessions.
+//! - [`redis`]: the event output.
+//! - [`counted`]: the global whitelist and the event count, around any sink.
 
+pub mod counted;
+pub mod etcd;
 pub mod memory;
+pub mod postgres;
+pub mod redis;

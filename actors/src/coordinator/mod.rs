@@ -299,7 +299,7 @@ impl CoordinatorState {
         }
 
         let backend = self.args.backend.clone();
-        let hold = self.args.pacing + self.args.grace + self.args.unsent_timeout;
+        let hold = self.args.pacing * 2 + self.args.grace + self.args.unsent_timeout;
         let coordinator = myself.clone();
         state.acquiring = Some(tokio::spawn(async move {
             let result = backend
