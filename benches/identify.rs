@@ -2,7 +2,8 @@
 //! per identify backend, and compares each run with Discord's floor,
 //! `ceil(shards / buckets) × window`.
 //!
-//! Run with `make bench-identify`. The last lines are one per backend:
+//! The etcd run uses a private etcd on loopback, started and stopped by the benchmark. Run with
+//! `make bench-identify`. The last lines are one per backend:
 //! `result bench-identify backend=<name> shards=1024 buckets=16 floor_s=<s> elapsed_s=<s> ratio=<r> violations=<n>`.
 
 use std::collections::BTreeMap;
@@ -10,6 +11,9 @@ use std::time::Duration;
 
 use shardvisor::config::{Config, Overrides};
 use shardvisor::run::{Service, Summary};
+
+#[path = "../tests/support/etcd.rs"]
+mod etcd;
 
 const SHARDS: u32 = 1024;
 const BUCKETS: u32 = 16;
@@ -93,5 +97,16 @@ async fn main() {
         config("bench-in-process", "backend = \"in-process\""),
     )
     .await;
+
+    // A private etcd on loopback, as the fleet would share one.
+    let etcd = etcd::EtcdServer::start().await;
+    let section = format!(
+        "backend = \"etcd\"\netcd_endpoints = [\"{}\"]\netcd_prefix = \"/bench/identify\"",
+        etcd.endpoint()
+    );
+    let with_etcd = run("etcd", config("bench-etcd", &section)).await;
+    drop(etcd);
+
     println!("{}", result_line("in-process", &in_process));
+    println!("{}", result_line("etcd", &with_etcd));
 }

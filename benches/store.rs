@@ -22,7 +22,8 @@
 //!
 //! Environment: `BENCH_STORE_POSTGRES` (server, default
 //! `host=127.0.0.1 port=5432 user=postgres dbname=test`), `BENCH_STORE_ROWS` (members per
-//! round, default 200000), `BENCH_STORE_ROUNDS` (default 3).
+//! round, default 200000), `BENCH_STORE_ROUNDS` (default 3), `BENCH_STORE_LOG` (a `tracing`
+//! filter such as `shardvisor=debug`; no logs when unset).
 
 use std::pin::pin;
 use std::sync::Arc;
@@ -102,7 +103,10 @@ fn make_data(rows: usize) -> Data {
     let members: Vec<MemberRow> = (0..rows)
         .map(|index| {
             let guild = 1_000_000 + (index / GUILD_MEMBERS) as i64;
-            let user = 300_000_000_000_000_000 + index as i64 * 7_919;
+            // Scattered user ids, as in a real guild: consecutive rows do not land next to
+            // each other in the primary key, for either path.
+            let scattered = (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 8;
+            let user = (1 << 58) + scattered as i64;
             MemberRow {
                 guild,
                 user,
@@ -448,6 +452,10 @@ fn env_usize(name: &str, default: usize) -> usize {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // Logs only when asked for, so that the output stays the result lines.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("BENCH_STORE_LOG") {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
     let candidates = std::env::args().any(|arg| arg == "--candidates");
     let server =
         std::env::var("BENCH_STORE_POSTGRES").unwrap_or_else(|_| DEFAULT_SERVER.to_owned());
@@ -474,6 +482,25 @@ async fn main() {
         return;
     }
 
+    if std::env::var("PROBE").is_ok() {
+        let mut options = PostgresOptions::new(database.url.as_str());
+        options.queue_rows = 100_000_000;
+        options.batch_rows = 2000;
+        let store = PostgresStore::connect(options).await.unwrap();
+        let started = Instant::now();
+        for chunk in data.chunks.iter() {
+            store.apply(0, "GUILD_MEMBERS_CHUNK", chunk).await.unwrap();
+        }
+        println!(
+            "PROBE apply only, one task: {:.0} rows/s",
+            rows_per_s(rows, started.elapsed())
+        );
+        store.flush().await.unwrap();
+        println!(
+            "PROBE until flushed: {:.0} rows/s",
+            rows_per_s(rows, started.elapsed())
+        );
+    }
     let mut client = connect(&database.url).await;
     let (mut writer, mut raw) = (Vec::new(), Vec::new());
     for round in 1..=rounds {

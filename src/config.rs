@@ -22,6 +22,7 @@ pub enum Source {
     Defaults,
     File(String),
     Env(String),
+    Flag(String),
 }
 
 impl fmt::Display for Source {
@@ -30,6 +31,7 @@ impl fmt::Display for Source {
             Self::Defaults => f.write_str("the built-in defaults"),
             Self::File(path) => write!(f, "{path}"),
             Self::Env(name) => write!(f, "environment variable {name}"),
+            Self::Flag(name) => write!(f, "command-line flag --{name}"),
         }
     }
 }
@@ -449,17 +451,36 @@ impl Values {
                 }
             }
 
-            // The SHARDVISOR_ variable wins over the replaced service's name.
-            let name = format!("SHARDVISOR_{}", spec.path.replace('.', "_").to_uppercase());
+            // The SHARDVISOR_ variable wins over the replaced service's name. A list key also
+            // takes a comma-separated list, as the replaced service's variables do.
+            let name = env_name(spec.path);
             if let Some(text) = env.get(&name) {
-                self.entries
-                    .insert(spec.path, (env_value(text), Source::Env(name)));
+                let is_list = matches!(self.entries.get(spec.path), Some((Value::Array(_), _)));
+                let mut value = env_value(text);
+                if is_list && !value.is_array() {
+                    value = legacy_value(text, LegacyForm::CommaList).unwrap_or(value);
+                }
+                self.entries.insert(spec.path, (value, Source::Env(name)));
+            }
+        }
+
+        // A misspelt variable would otherwise be ignored without a word.
+        for (name, value) in env {
+            let known = KEYS.iter().any(|spec| env_name(spec.path) == *name);
+            let reserved = NON_KEY_VARIABLES.contains(&name.as_str());
+            if name.starts_with("SHARDVISOR_") && !known && !reserved {
+                errors.push(ConfigError {
+                    key: name.clone(),
+                    value: value.clone(),
+                    source: Source::Env(name.clone()),
+                    fix: "unknown variable; variables are SHARDVISOR_<SECTION>_<KEY> for the keys config.toml lists".to_owned(),
+                });
             }
         }
     }
 
     fn apply_overrides(&mut self, overrides: &Overrides) {
-        let flag = |name: &str| Source::Env(format!("--{name} (command line)"));
+        let flag = |name: &str| Source::Flag(name.to_owned());
         if let Some(name) = &overrides.name {
             self.entries
                 .insert("process.name", (Value::String(name.clone()), flag("name")));
@@ -475,6 +496,14 @@ impl Values {
             }
         }
     }
+}
+
+/// Variables with the SHARDVISOR_ prefix that are not configuration keys.
+const NON_KEY_VARIABLES: &[&str] = &["SHARDVISOR_TOKEN", "SHARDVISOR_SIM_TOKEN"];
+
+/// Returns the environment variable of a key: `SHARDVISOR_<SECTION>_<KEY>` in upper case.
+fn env_name(path: &str) -> String {
+    format!("SHARDVISOR_{}", path.replace('.', "_").to_uppercase())
 }
 
 /// Turns an environment string into a TOML value: a TOML literal if it parses as one (numbers,
@@ -713,7 +742,11 @@ impl Reader<'_> {
             Some(_) => actors::gateway::IDENTIFY_WINDOW,
             None => simulator.identify_window,
         };
-        if identify.pacing < window {
+        let pacing_invalid = self
+            .errors
+            .iter()
+            .any(|error| error.key == "identify.pacing");
+        if !pacing_invalid && identify.pacing < window {
             self.fail(
                 "identify.pacing",
                 format!(
@@ -735,13 +768,33 @@ impl Reader<'_> {
             0 => shards,
             stop => stop,
         };
-        if start >= stop || stop > shards {
+        if start >= shards {
+            self.fail(
+                "process.start",
+                format!("use a shard below process.shards ({shards})"),
+            );
+        } else if start >= stop || stop > shards {
             self.fail(
                 "process.stop",
                 format!("the range {start}..{stop} must satisfy start < stop <= shards ({shards})"),
             );
         }
         let token_file = self.string("process.token_file");
+        if !token_file.is_empty() {
+            match std::fs::read_to_string(&token_file) {
+                Ok(text) if text.trim().is_empty() => {
+                    self.fail(
+                        "process.token_file",
+                        "the file is empty; put the bot token in it",
+                    );
+                }
+                Ok(_) => {}
+                Err(error) => self.fail(
+                    "process.token_file",
+                    format!("the file cannot be read ({error}); fix the path or its permissions"),
+                ),
+            }
+        }
         ProcessConfig {
             name,
             shards,
@@ -1002,7 +1055,7 @@ mod tests {
             "identify.pacing",
             "stabilize.permits",
             "gateway.intents",
-            "process.stop",
+            "process.start",
             "process.colour",
             "sweep.batch",
         ] {
@@ -1026,6 +1079,49 @@ mod tests {
             .find(|error| error.key == "sweep.batch")
             .unwrap();
         assert_eq!(batch.source, Source::Env("BACKFILL_SWEEP_BATCH".to_owned()));
+    }
+
+    #[test]
+    fn env_list_takes_commas() {
+        let env = [(
+            "SHARDVISOR_EVENTS_WHITELIST",
+            "MESSAGE_CREATE, GUILD_CREATE",
+        )];
+        let config = load(None, &env).unwrap();
+        assert_eq!(
+            config.events.whitelist,
+            vec!["MESSAGE_CREATE", "GUILD_CREATE"]
+        );
+    }
+
+    #[test]
+    fn unknown_variable_is_reported() {
+        let errors = load(None, &[("SHARDVISOR_IDENTIFY_PACNG", "6s")])
+            .unwrap_err()
+            .0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].key, "SHARDVISOR_IDENTIFY_PACNG");
+        let token = load(None, &[("SHARDVISOR_TOKEN", "x")]);
+        assert!(token.is_ok(), "the token variable is not a key");
+    }
+
+    #[test]
+    fn token_file_checked() {
+        let file =
+            "[process]\ntoken_file = \"/nonexistent/shardvisor-token\"\n[identify]\npacing = \"x\"";
+        let errors = load(Some(file), &[]).unwrap_err().0;
+        let keys: Vec<&str> = errors.iter().map(|error| error.key.as_str()).collect();
+        assert!(keys.contains(&"process.token_file"), "{keys:?}");
+        let pacing = keys.iter().filter(|key| **key == "identify.pacing").count();
+        assert_eq!(pacing, 1, "{errors:?}");
+    }
+
+    #[test]
+    fn start_beyond_shards_names_start() {
+        let errors = load(Some("[process]\nshards = 8\nstart = 9"), &[])
+            .unwrap_err()
+            .0;
+        assert_eq!(errors[0].key, "process.start", "{errors:?}");
     }
 
     #[test]

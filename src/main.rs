@@ -15,7 +15,19 @@ const EXIT_UNSTABLE: u8 = 1;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            // --help and --version are not errors; everything else is a usage error.
+            let usage = error.use_stderr();
+            let _ = error.print();
+            return if usage {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     match cli.command {
         Command::Run(args) => run_service(args, cli.log_format).await,
         Command::Sim(args) => {
@@ -34,7 +46,13 @@ async fn run_service(args: RunArgs, log_format: Option<LogFormat>) -> ExitCode {
         start: args.start,
         stop: args.stop,
     };
-    let config = match Config::load(args.config.as_deref(), &overrides) {
+    // Without --config, a config.toml in the working directory overrides the built-in defaults.
+    let local = std::path::Path::new("config.toml");
+    let path = args
+        .config
+        .as_deref()
+        .or_else(|| local.is_file().then_some(local));
+    let config = match Config::load(path, &overrides) {
         Ok(config) => config,
         Err(errors) => {
             eprintln!("error: the configuration is invalid:\n{errors}");
@@ -55,7 +73,16 @@ async fn run_service(args: RunArgs, log_format: Option<LogFormat>) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let summary = service.wait_until_stable().await;
+    // A stop signal during the start is honoured too: the sessions already made are saved.
+    let summary = tokio::select! {
+        summary = service.wait_until_stable() => Some(summary),
+        () = wait_for_stop_signal() => None,
+    };
+    let Some(summary) = summary else {
+        eprintln!("stopping before every shard was steady; saving the sessions made so far");
+        service.shutdown().await;
+        return ExitCode::from(EXIT_UNSTABLE);
+    };
     println!("{}", summary.line());
 
     if !args.exit_when_stable {
@@ -89,17 +116,17 @@ async fn run_simulator(args: SimArgs) -> ExitCode {
     };
 
     let config = simulator.config();
-    println!("simulator api={}/gateway/bot", simulator.api_url());
-    println!(
+    eprintln!("simulator api={}/gateway/bot", simulator.api_url());
+    eprintln!(
         "simulator gateway={}/?v=10&encoding=json[&compress=zlib-stream]",
         simulator.gateway_url()
     );
-    println!("simulator resume_gateway_url={}", simulator.resume_url());
-    println!(
+    eprintln!("simulator resume_gateway_url={}", simulator.resume_url());
+    eprintln!(
         "simulator shards={} max_concurrency={} guilds={guilds} identify_window={:?} heartbeat_interval={:?}",
         config.shards, config.max_concurrency, config.identify_window, config.heartbeat_interval
     );
-    println!("simulator running; press Ctrl-C to stop and print the report");
+    eprintln!("simulator running; press Ctrl-C to stop and print the report");
 
     wait_for_stop_signal().await;
     let report = simulator.shutdown().await;

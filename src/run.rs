@@ -27,6 +27,10 @@ use crate::config::Config;
 use crate::sim::world::WorldConfig;
 use crate::sim::{SimConfig, Simulator, ViolationKind};
 
+/// Events the in-memory output keeps per event name; older ones are dropped so that a service
+/// left running on the embedded defaults does not grow without limit.
+const MEMORY_SINK_KEEP: usize = 10_000;
+
 /// How often the progress line is printed while shards come up.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -424,7 +428,7 @@ async fn connect_sink(
     RunError,
 > {
     let Some(redis) = &config.events.redis else {
-        let memory = Arc::new(MemorySink::new());
+        let memory = Arc::new(MemorySink::bounded(MEMORY_SINK_KEEP));
         let sink = CountedSink::new(memory.clone(), &config.events.whitelist);
         return Ok((Arc::new(sink), Some(memory), None));
     };
@@ -573,6 +577,7 @@ fn supervisor_args(
         },
         gate: GateArgs {
             permits: config.stabilize.permits,
+            buckets: max_concurrency,
             max_hold: config.stabilize.max_hold,
         },
         sweeper,

@@ -3,7 +3,9 @@
 //!
 //! A shard that will request guild members takes a permit before it asks for the identify lease
 //! and returns it when its post-READY flood is absorbed: after a fixed hold, or once its backlog
-//! is drained. The gate takes a permit back by itself `max_hold` after READY, and at once when
+//! is drained. Permits are spread over the identify buckets: no bucket gets more than
+//! `ceil(K / buckets)` of them, since two holders in one bucket identify one window apart and
+//! the second would only wait with a permit a shard of an idle bucket could use. The gate takes a permit back by itself `max_hold` after READY, and at once when
 //! its holder stops, so a stuck or crashed shard cannot keep the gate shut.
 
 use std::collections::{BTreeMap, HashMap};
@@ -25,6 +27,8 @@ pub struct Permit {
 pub struct GateArgs {
     /// Permits `K`; changeable at run time.
     pub permits: u32,
+    /// Identify buckets (`max_concurrency`): a shard's bucket is `shard % buckets`.
+    pub buckets: u32,
     /// Longest a permit is held after READY before the gate takes it back.
     pub max_hold: Duration,
 }
@@ -82,6 +86,7 @@ struct Waiter {
 
 struct Held {
     shard: u32,
+    bucket: u32,
     holder: ActorId,
     timer: Option<JoinHandle<()>>,
     since: Instant,
@@ -192,12 +197,19 @@ impl Actor for StabilizeGate {
 }
 
 impl GateState {
-    /// Grants free permits to waiters in shard order, skipping requesters that left.
+    /// Grants free permits to waiters in shard order, skipping requesters that left and waiters
+    /// whose bucket already has its share of permits.
     fn grant(&mut self) {
+        let buckets = self.args.buckets.max(1);
+        let per_bucket = self.args.permits.div_ceil(buckets).max(1) as usize;
         while self.held.len() < self.args.permits as usize {
-            let Some(((shard, _), waiter)) = self.waiters.pop_first() else {
+            let Some(key) = self.next_waiter(buckets, per_bucket) else {
                 return;
             };
+            let Some(waiter) = self.waiters.remove(&key) else {
+                return;
+            };
+            let shard = key.0;
             let permit = Permit {
                 id: self.next_permit,
             };
@@ -211,12 +223,27 @@ impl GateState {
                 permit,
                 Held {
                     shard,
+                    bucket: shard % buckets,
                     holder: waiter.holder,
                     timer: None,
                     since: Instant::now(),
                 },
             );
         }
+    }
+
+    /// Returns the first waiter, in shard order, whose bucket holds fewer than `per_bucket`
+    /// permits. Waiters whose requester left are dropped on the way.
+    fn next_waiter(&mut self, buckets: u32, per_bucket: usize) -> Option<(u32, u64)> {
+        self.waiters.retain(|_, waiter| !waiter.reply.is_closed());
+        let mut holders = vec![0usize; buckets as usize];
+        for held in self.held.values() {
+            holders[held.bucket as usize] += 1;
+        }
+        self.waiters
+            .keys()
+            .find(|(shard, _)| holders[(shard % buckets) as usize] < per_bucket)
+            .copied()
     }
 
     fn start_hold(&mut self, myself: &ActorRef<GateMsg>, permit: Permit) {
@@ -283,6 +310,7 @@ mod tests {
     async fn gate(permits: u32) -> ActorRef<GateMsg> {
         let args = GateArgs {
             permits,
+            buckets: 4,
             max_hold: Duration::from_secs(10),
         };
         Actor::spawn(None, StabilizeGate, args).await.unwrap().0
@@ -395,6 +423,33 @@ mod tests {
             waiting.try_recv().is_ok(),
             "raising K did not serve the waiter"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permits_spread_over_buckets() {
+        // Four permits, four buckets: shards 0 and 4 share bucket 0, so shard 4 waits while
+        // shards of the idle buckets 1 and 2 get the remaining permits.
+        let gate = gate(4).await;
+        request(&gate, 0).await.unwrap();
+        let mut same_bucket = request(&gate, 4);
+        settle().await;
+        let first = request(&gate, 1).await.unwrap();
+        request(&gate, 2).await.unwrap();
+        settle().await;
+        assert!(
+            same_bucket.try_recv().is_err(),
+            "two permits went to bucket 0"
+        );
+        assert_eq!(status(&gate).await.holders, vec![0, 1, 2]);
+
+        // A permit returned by another bucket does not go to bucket 0 while bucket 0 holds one.
+        gate.cast(GateMsg::Release { permit: first }).unwrap();
+        settle().await;
+        assert!(
+            same_bucket.try_recv().is_err(),
+            "bucket 0 got a second permit"
+        );
+        assert_eq!(status(&gate).await.waiting, vec![4]);
     }
 
     #[tokio::test(start_paused = true)]

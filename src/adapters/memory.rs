@@ -8,7 +8,7 @@
 //! as it was.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock};
 
@@ -400,18 +400,29 @@ impl CursorStore for MemoryStore {
 }
 
 /// The event output in memory: one list per event name in push order, like the Redis lists
-/// `gateway:events:<NAME>`. It keeps every event until it is dropped, so it suits tests and
-/// simulator runs, not a long-running service.
+/// `gateway:events:<NAME>`. An unbounded sink keeps every event until it is dropped, which suits
+/// tests; a bounded one keeps the newest events of each list, for a service left running on the
+/// embedded defaults.
 #[derive(Default)]
 pub struct MemorySink {
-    lists: DashMap<String, Vec<Json>>,
+    lists: DashMap<String, VecDeque<Json>>,
     total: AtomicU64,
+    /// Events kept per list; `None` keeps all.
+    max_per_list: Option<usize>,
 }
 
 impl MemorySink {
-    /// Creates an empty sink.
+    /// Creates an empty sink that keeps every event.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Creates an empty sink that keeps the newest `max_per_list` events of each list.
+    pub fn bounded(max_per_list: usize) -> Self {
+        Self {
+            max_per_list: Some(max_per_list.max(1)),
+            ..Self::default()
+        }
     }
 
     /// Returns the events pushed under a name, oldest first, as JSON text.
@@ -422,7 +433,7 @@ impl MemorySink {
             .unwrap_or_default()
     }
 
-    /// Returns the number of events pushed under a name.
+    /// Returns the number of events kept under a name.
     pub fn len(&self, event: &str) -> usize {
         self.lists.get(event).map_or(0, |list| list.len())
     }
@@ -446,10 +457,15 @@ impl EventSink for MemorySink {
         let data = data.to_owned();
 
         // The common case finds the list and skips allocating the name.
-        match self.lists.get_mut(event) {
-            Some(mut list) => list.push(data),
-            None => self.lists.entry(event.to_owned()).or_default().push(data),
+        let mut list = match self.lists.get_mut(event) {
+            Some(list) => list,
+            None => self.lists.entry(event.to_owned()).or_default(),
+        };
+        if self.max_per_list.is_some_and(|max| list.len() >= max) {
+            list.pop_front();
         }
+        list.push_back(data);
+        drop(list);
 
         self.total.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -1228,6 +1244,17 @@ mod tests {
 
     fn ids(rows: &BTreeMap<u64, Value>) -> Vec<u64> {
         rows.keys().copied().collect()
+    }
+
+    #[tokio::test]
+    async fn bounded_sink_keeps_newest() {
+        let sink = MemorySink::bounded(2);
+        for index in 0..5 {
+            let data = RawValue::from_string(index.to_string()).unwrap();
+            sink.push("MESSAGE_CREATE", &data).await.unwrap();
+        }
+        assert_eq!(sink.list("MESSAGE_CREATE"), vec!["3", "4"]);
+        assert_eq!(sink.total(), 5);
     }
 
     #[tokio::test]

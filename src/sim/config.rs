@@ -114,6 +114,13 @@ impl SimConfig {
         if self.max_concurrency == 0 {
             return error("max_concurrency", "0".into(), "use at least 1");
         }
+        if self.identify_window.is_zero() {
+            return error(
+                "identify_window",
+                "0".into(),
+                "use a positive duration; Discord's is 5s",
+            );
+        }
         if self.heartbeat_interval.is_zero() {
             return error("heartbeat_interval", "0".into(), "use a positive duration");
         }

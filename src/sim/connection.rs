@@ -41,7 +41,10 @@ impl ConnectParams {
             other => {
                 rejection = Some((
                     CloseCode::INVALID_API_VERSION.0,
-                    format!("invalid API version {other:?}: connect with v=10"),
+                    format!(
+                        "invalid API version {}: connect with v=10",
+                        other.unwrap_or("(missing)")
+                    ),
                 ));
             }
         }

@@ -635,6 +635,10 @@ fn parse_item<'a, T: Deserialize<'a>>(
     index: Option<usize>,
     item: &'a RawValue,
 ) -> Result<T, String> {
+    if let Ok(value) = serde_json::from_str(item.get()) {
+        return Ok(value);
+    }
+
     let place = match index {
         Some(index) => format!("{field}[{index}]"),
         None => field.to_owned(),
@@ -643,7 +647,15 @@ fn parse_item<'a, T: Deserialize<'a>>(
 }
 
 /// Parses JSON found at `place` in the payload (empty for the whole payload) into `T`.
+///
+/// Valid input is parsed without tracking the path, which costs about three times as much
+/// (measured on a 1,000-member chunk: 1.2 ms with the path, 0.4 ms without). Only invalid
+/// input is parsed again to name the failing field.
 fn parse_at<'a, T: Deserialize<'a>>(place: &str, json: &'a str) -> Result<T, String> {
+    if let Ok(value) = serde_json::from_str(json) {
+        return Ok(value);
+    }
+
     let mut deserializer = serde_json::Deserializer::from_str(json);
     serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
         // `Path` displays as "." when the error is at the top, else as `a.b[3].c`.
@@ -756,4 +768,31 @@ pub(crate) fn merge_objects(old: &str, new: &str) -> Json {
     let new_fields: Fields = serde_json::from_str(new).unwrap_or_default();
     merged.extend(new_fields);
     object_from_fields(merged.iter().map(|(key, value)| (key.as_str(), *value)))
+}
+
+
+#[cfg(test)]
+mod timing_probe {
+    use super::*;
+    #[test]
+    fn timing_probe() {
+        let member = |i: u64| {
+            format!(
+                r#"{{"user":{{"id":"{}","username":"member_{i:08}","global_name":"Display Name {i}","avatar":"0123456789abcdef0123456789abcdef","discriminator":"0","public_flags":64,"flags":64,"banner":null,"accent_color":null,"avatar_decoration_data":null,"clan":null,"primary_guild":null,"bot":false}},"roles":["81384788765712385","81384788765712386","81384788765712387"],"nick":null,"avatar":null,"banner":null,"joined_at":"2021-06-01T12:00:00.000000+00:00","premium_since":null,"deaf":false,"mute":false,"flags":0,"pending":false,"communication_disabled_until":null,"unusual_dm_activity_until":null}}"#,
+                300_000_000_000_000_000u64 + i
+            )
+        };
+        let members: Vec<String> = (0..1000).map(member).collect();
+        let text = format!(
+            r#"{{"guild_id":"1000000","members":[{}],"chunk_index":0,"chunk_count":1,"not_found":[]}}"#,
+            members.join(",")
+        );
+        let raw = RawValue::from_string(text.clone()).unwrap();
+        let n = 200;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(parse_dispatch("GUILD_MEMBERS_CHUNK", &raw).unwrap());
+        }
+        eprintln!("parse_dispatch total: {:?}", t.elapsed() / n);
+    }
 }
