@@ -159,6 +159,10 @@ const KEYS: &[KeySpec] = &[
         LegacyForm::Same,
     ),
     key("store.backend"),
+    key("store.postgres_url"),
+    key("store.batch_rows"),
+    key("store.max_age"),
+    key("store.queue_rows"),
     key("events.sink"),
     key("events.redis_url"),
     legacy("events.multi_redis", "MULTI_REDIS", LegacyForm::Text),
@@ -251,6 +255,22 @@ pub struct SweepConfig {
     pub requests_per_second: f64,
 }
 
+/// The guild-state cache.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoreConfig {
+    /// `None` for the in-memory store.
+    pub postgres: Option<PostgresStoreConfig>,
+}
+
+/// The PostgreSQL cache and its batched writer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PostgresStoreConfig {
+    pub url: String,
+    pub batch_rows: usize,
+    pub max_age: Duration,
+    pub queue_rows: usize,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct EventsConfig {
     /// Event names to push; empty pushes every event.
@@ -303,6 +323,7 @@ pub struct Config {
     pub stabilize: StabilizeConfig,
     pub backfill: BackfillConfig,
     pub sweep: SweepConfig,
+    pub store: StoreConfig,
     pub events: EventsConfig,
     pub supervision: SupervisionConfig,
     pub simulator: SimulatorConfig,
@@ -709,7 +730,7 @@ impl Reader<'_> {
             batch: self.u32("sweep.batch", 1),
             requests_per_second: self.float("sweep.requests_per_second", 0.001, 1000.0),
         };
-        self.choice("store.backend", &["memory"]);
+        let store = self.read_store();
         let events = self.read_events();
         let supervision = self.read_supervision();
         let simulator = self.read_simulator();
@@ -723,6 +744,7 @@ impl Reader<'_> {
             stabilize,
             backfill,
             sweep,
+            store,
             events,
             supervision,
             simulator,
@@ -808,9 +830,13 @@ impl Reader<'_> {
         let api = self.string("gateway.api");
         let api = match api.as_str() {
             "simulator" => None,
-            url if url.starts_with("https://") || url.starts_with("http://") => {
-                Some(url.trim_end_matches('/').to_owned())
+            // NOTE: the HTTP and WebSocket clients are built without TLS, so Discord itself
+            // (https:// and wss://) cannot be reached yet; only plain-HTTP gateways can.
+            url if url.starts_with("https://") => {
+                self.fail("gateway.api", "TLS is not compiled into this build yet; use \"simulator\" or a plain http:// gateway such as an external `shardvisor sim`");
+                None
             }
+            url if url.starts_with("http://") => Some(url.trim_end_matches('/').to_owned()),
             _ => {
                 self.fail(
                     "gateway.api",
@@ -840,6 +866,25 @@ impl Reader<'_> {
             );
         }
         config
+    }
+
+    fn read_store(&mut self) -> StoreConfig {
+        let backend = self.choice("store.backend", &["memory", "postgres"]);
+        let postgres = PostgresStoreConfig {
+            url: self.string("store.postgres_url"),
+            batch_rows: self.integer("store.batch_rows", 1, 1_000_000) as usize,
+            max_age: self.duration("store.max_age", Duration::from_millis(1)),
+            queue_rows: self.integer("store.queue_rows", 1, 100_000_000) as usize,
+        };
+        if backend == "postgres" && postgres.queue_rows < postgres.batch_rows {
+            self.fail(
+                "store.queue_rows",
+                "use at least store.batch_rows, or no batch can fill up",
+            );
+        }
+        StoreConfig {
+            postgres: (backend == "postgres").then_some(postgres),
+        }
     }
 
     fn read_events(&mut self) -> EventsConfig {

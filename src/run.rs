@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use crate::adapters::counted::CountedSink;
 use crate::adapters::etcd::{EtcdBackend, EtcdCursorOptions, EtcdCursorStore, EtcdOptions};
 use crate::adapters::memory::{MemorySink, MemoryStore};
+use crate::adapters::postgres::{PostgresOptions, PostgresStore};
 use crate::adapters::redis::{RedisSink, RedisSinkOptions};
 use crate::config::Config;
 use crate::sim::world::WorldConfig;
@@ -112,7 +113,9 @@ pub struct Service {
     supervisor_task: tokio::task::JoinHandle<()>,
     health_task: tokio::task::JoinHandle<()>,
     pub simulator: Option<Simulator>,
-    pub store: Arc<MemoryStore>,
+    pub store: Arc<dyn StateStore>,
+    /// The in-memory store, when it is the configured one (tests read the cache through it).
+    pub memory_store: Option<Arc<MemoryStore>>,
     /// The sink the shards push to: the configured output behind the global whitelist.
     pub sink: Arc<CountedSink>,
     /// The in-memory output, when it is the configured one.
@@ -154,10 +157,12 @@ impl Service {
             "gateway found"
         );
 
-        let store = Arc::new(MemoryStore::new());
+        let (store, memory_store) = connect_store(&config).await?;
+        // Sweep cursors live in etcd with the etcd backend, and in memory otherwise.
+        let cursor_memory = Arc::new(MemoryStore::new());
         let (sink, memory_sink, redis) = connect_sink(&config).await?;
         let max_concurrency = gateway.session_start_limit.max_concurrency.max(1);
-        let backends = Backends::connect(&config, &gateway, &store).await?;
+        let backends = Backends::connect(&config, &gateway, &cursor_memory).await?;
         let args = supervisor_args(
             &config,
             token,
@@ -188,6 +193,7 @@ impl Service {
             health_task,
             simulator,
             store,
+            memory_store,
             sink,
             memory_sink,
             redis,
@@ -416,6 +422,28 @@ async fn fetch_gateway_bot(api: &str, token: &Token) -> Result<GatewayBot, RunEr
         .map_err(|e| error(format!("invalid response: {e}")))
 }
 
+/// Connects the configured guild-state cache.
+async fn connect_store(
+    config: &Config,
+) -> Result<(Arc<dyn StateStore>, Option<Arc<MemoryStore>>), RunError> {
+    let Some(postgres) = &config.store.postgres else {
+        let memory = Arc::new(MemoryStore::new());
+        return Ok((memory.clone(), Some(memory)));
+    };
+    let mut options = PostgresOptions::new(postgres.url.clone());
+    options.batch_rows = postgres.batch_rows;
+    options.max_age = postgres.max_age;
+    options.queue_rows = postgres.queue_rows;
+    let store = PostgresStore::connect(options)
+        .await
+        .map_err(|source| RunError::Backend {
+            what: "PostgreSQL (state store)",
+            source,
+        })?;
+    tracing::info!("state store: PostgreSQL");
+    Ok((Arc::new(store), None))
+}
+
 /// Connects the configured event output and wraps it with the global whitelist and the count.
 async fn connect_sink(
     config: &Config,
@@ -514,7 +542,7 @@ fn supervisor_args(
     config: &Config,
     token: Token,
     gateway: &GatewayBot,
-    store: Arc<MemoryStore>,
+    store: Arc<dyn StateStore>,
     sink: Arc<CountedSink>,
     backends: Backends,
 ) -> SupervisorArgs {

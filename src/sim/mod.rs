@@ -202,6 +202,40 @@ impl Simulator {
             .unwrap_or_default()
     }
 
+    /// Returns a guild as its GUILD_CREATE would carry it now (every intent, `large_threshold`
+    /// 250, so a large guild lists only some members), or `None` for an unknown guild.
+    pub fn guild(&self, guild_id: actors::gateway::Snowflake) -> Option<serde_json::Value> {
+        let shard = actors::gateway::shard_for_guild(guild_id.get(), self.shared.config.shards);
+        let world = lock(self.shared.worlds.get(shard as usize)?);
+        let data = world.guild_create(guild_id, 250, actors::gateway::Intents::ALL)?;
+        serde_json::from_str(data.get()).ok()
+    }
+
+    /// Returns every member of a guild, as the chunks of an all-members request list them.
+    pub fn members(&self, guild_id: actors::gateway::Snowflake) -> Vec<serde_json::Value> {
+        let shard = actors::gateway::shard_for_guild(guild_id.get(), self.shared.config.shards);
+        let Some(world) = self.shared.worlds.get(shard as usize) else {
+            return Vec::new();
+        };
+        let world = lock(world);
+        let request = actors::gateway::RequestGuildMembers::all_members(guild_id, None);
+        let Some(plan) = world.plan_member_request(&request, actors::gateway::Intents::ALL) else {
+            return Vec::new();
+        };
+        let mut members = Vec::new();
+        for index in 0..plan.chunk_count() {
+            let chunk = world.member_chunk(&plan, index);
+            if let Ok(mut chunk) = serde_json::from_str::<serde_json::Value>(chunk.get()) {
+                if let Some(serde_json::Value::Array(list)) =
+                    chunk.get_mut("members").map(serde_json::Value::take)
+                {
+                    members.extend(list);
+                }
+            }
+        }
+        members
+    }
+
     /// Injects a fault. Returns how many connections or sessions it hit (for standing faults,
     /// the number of shards it applies to, with `All` counted as the shard count).
     pub fn inject(&self, target: Target, fault: Fault) -> usize {
