@@ -478,6 +478,18 @@ impl SupervisorState {
             shards = actors.len(),
             "every session saved and closed with a resumable code"
         );
+
+        // The last IDENTIFYs may still hold their buckets for the pacing window; the
+        // coordinator releases them when it ends, so no bucket stays locked after this process.
+        let coordinator = names::coordinator(&self.args.shard.name);
+        if let Some(coordinator) = names::lookup::<CoordinatorMsg>(&coordinator) {
+            let args = &self.args.coordinator;
+            let limit = args.pacing * 2 + args.grace + Duration::from_secs(1);
+            let drained = coordinator.call(CoordinatorMsg::Drain, Some(limit)).await;
+            if !matches!(drained, Ok(CallResult::Success(()))) {
+                tracing::warn!("identify coordinator did not release every bucket in time; the locks lapse with their leases");
+            }
+        }
     }
 }
 

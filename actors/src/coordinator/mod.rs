@@ -90,6 +90,10 @@ pub enum CoordinatorMsg {
     HolderStopped { holder: ActorId },
     /// Report every bucket.
     Status(RpcReplyPort<Vec<BucketStatus>>),
+    /// Stop granting, free every unused lease at once, and reply once every lease whose IDENTIFY
+    /// went out has reached the end of its pacing window and was released. A process that exits
+    /// after this leaves no bucket locked behind it.
+    Drain(RpcReplyPort<()>),
     /// Internal: the backend answered an acquire.
     BackendAcquired {
         bucket: u32,
@@ -161,6 +165,9 @@ pub struct CoordinatorState {
     failing: HashMap<u32, Instant>,
     /// No lease is granted before this: the session-start budget is at its reserve.
     budget_blocked_until: Option<Instant>,
+    /// Set by `Drain`: nothing is granted any more; the replies wait for the last release.
+    draining: Vec<RpcReplyPort<()>>,
+    drained: bool,
 }
 
 /// The IdentifyCoordinator actor.
@@ -195,6 +202,8 @@ impl Actor for IdentifyCoordinator {
             next_arrival: 0,
             failing: HashMap::new(),
             budget_blocked_until: None,
+            draining: Vec::new(),
+            drained: false,
         })
     }
 
@@ -207,11 +216,16 @@ impl Actor for IdentifyCoordinator {
             if let Some(task) = bucket.acquiring.take() {
                 task.abort();
             }
+            // A lock whose IDENTIFY went out must outlive its pacing window: releasing it
+            // here would let another process identify inside the window. It lapses with its
+            // lease instead. Unused locks are released at once.
             if let Some(holding) = bucket.holding.take() {
                 if let Some(timer) = holding.timer {
                     timer.abort();
                 }
-                let _ = state.args.backend.release(holding.lock).await;
+                if !holding.sent {
+                    let _ = state.args.backend.release(holding.lock).await;
+                }
             }
         }
         Ok(())
@@ -240,6 +254,7 @@ impl Actor for IdentifyCoordinator {
             CoordinatorMsg::Status(reply) => {
                 let _ = reply.send(state.status());
             }
+            CoordinatorMsg::Drain(reply) => state.drain(&myself, reply),
             CoordinatorMsg::BackendAcquired { bucket, result } => {
                 state.backend_acquired(&myself, bucket, result);
             }
@@ -289,6 +304,10 @@ impl CoordinatorState {
 
     /// Starts a backend acquire for a bucket that is free and has waiters.
     fn pump(&mut self, myself: &ActorRef<CoordinatorMsg>, bucket: u32) {
+        if self.drained {
+            self.answer_drain();
+            return;
+        }
         if self.budget_blocked_until.is_some() {
             return;
         }
@@ -550,6 +569,37 @@ impl CoordinatorState {
                 log_release_error(lock, &error);
             }
         });
+    }
+
+    fn drain(&mut self, myself: &ActorRef<CoordinatorMsg>, reply: RpcReplyPort<()>) {
+        self.drained = true;
+        self.draining.push(reply);
+        for index in 0..self.buckets.len() {
+            let bucket = &mut self.buckets[index];
+            bucket.waiters.clear();
+            if let Some(task) = bucket.acquiring.take() {
+                task.abort();
+            }
+            let unsent = bucket.holding.as_ref().is_some_and(|h| !h.sent);
+            if unsent {
+                self.free(myself, index as u32);
+            }
+        }
+        tracing::info!(
+            held = self.buckets.iter().filter(|b| b.holding.is_some()).count(),
+            "identify coordinator draining: waiting for the pacing windows still open"
+        );
+        self.answer_drain();
+    }
+
+    /// Answers the drain requests once no bucket is held any more.
+    fn answer_drain(&mut self) {
+        if self.buckets.iter().any(|bucket| bucket.holding.is_some()) {
+            return;
+        }
+        for reply in self.draining.drain(..) {
+            let _ = reply.send(());
+        }
     }
 
     fn status(&self) -> Vec<BucketStatus> {

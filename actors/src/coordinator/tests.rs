@@ -463,3 +463,32 @@ async fn pacing_runs_from_the_write() {
         "freed {waited:?} after the write"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn drain_waits_for_open_windows() {
+    let coordinator = coordinator(2).await;
+    let sent = request(&coordinator, 0, 1).await.unwrap();
+    assert!(begin(&coordinator, sent).await);
+    let unsent = request(&coordinator, 1, 2).await.unwrap();
+    let mut waiting = request(&coordinator, 2, 3);
+    settle().await;
+
+    let started = Instant::now();
+    let drained = coordinator.call(CoordinatorMsg::Drain, None).await.unwrap();
+    assert!(matches!(drained, CallResult::Success(())));
+    assert!(
+        started.elapsed() >= PACING + GRACE - Duration::from_millis(10),
+        "drained {:?} after IDENTIFY, inside the pacing window",
+        started.elapsed()
+    );
+    assert!(
+        !begin(&coordinator, unsent).await,
+        "an unused lease survived the drain"
+    );
+    assert!(
+        waiting.try_recv().is_err(),
+        "a lease was granted while draining"
+    );
+    let buckets = status(&coordinator).await;
+    assert!(buckets.iter().all(|b| b.holder.is_none()), "{buckets:?}");
+}
