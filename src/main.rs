@@ -1,6 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use shardvisor::cli::{Cli, Command, LogFormat, RunArgs, SimArgs};
 use shardvisor::config::{Config, Overrides};
 use shardvisor::logging;
@@ -40,6 +41,7 @@ async fn main() -> ExitCode {
 
 /// Runs the service until a stop signal, or until the summary with `--exit-when-stable`.
 async fn run_service(args: RunArgs, log_format: Option<LogFormat>) -> ExitCode {
+    let mut stop = StopSignals::install();
     let overrides = Overrides {
         name: args.name.clone(),
         shards: args.shards,
@@ -76,7 +78,7 @@ async fn run_service(args: RunArgs, log_format: Option<LogFormat>) -> ExitCode {
     // A stop signal during the start is honoured too: the sessions already made are saved.
     let summary = tokio::select! {
         summary = service.wait_until_stable() => Some(summary),
-        () = wait_for_stop_signal() => None,
+        () = stop.wait() => None,
     };
     let Some(summary) = summary else {
         eprintln!("stopping before every shard was steady; saving the sessions made so far");
@@ -87,7 +89,7 @@ async fn run_service(args: RunArgs, log_format: Option<LogFormat>) -> ExitCode {
 
     if !args.exit_when_stable {
         println!("serving; press Ctrl-C to save every session and stop");
-        wait_for_stop_signal().await;
+        stop.wait().await;
     }
     service.shutdown().await;
     if summary.is_clean() {
@@ -99,6 +101,7 @@ async fn run_service(args: RunArgs, log_format: Option<LogFormat>) -> ExitCode {
 
 /// Runs the simulator until Ctrl-C or SIGTERM, then prints the report.
 async fn run_simulator(args: SimArgs) -> ExitCode {
+    let mut stop = StopSignals::install();
     let config = match args.to_config() {
         Ok(config) => config,
         Err(message) => {
@@ -128,7 +131,7 @@ async fn run_simulator(args: SimArgs) -> ExitCode {
     );
     eprintln!("simulator running; press Ctrl-C to stop and print the report");
 
-    wait_for_stop_signal().await;
+    stop.wait().await;
     let report = simulator.shutdown().await;
     let json = serde_json::to_string_pretty(&report).expect("the report serializes");
     if let Some(path) = &args.report {
@@ -143,11 +146,26 @@ async fn run_simulator(args: SimArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn wait_for_stop_signal() {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler succeeds on Unix");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+/// SIGINT and SIGTERM listeners, made once: tokio delivers a signal only to listeners that exist
+/// when it arrives, so listeners made anew for each wait would lose a signal sent in between.
+struct StopSignals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl StopSignals {
+    fn install() -> Self {
+        let listen = |kind| signal(kind).expect("installing a signal handler succeeds on Unix");
+        Self {
+            interrupt: listen(SignalKind::interrupt()),
+            terminate: listen(SignalKind::terminate()),
+        }
+    }
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
     }
 }
