@@ -18,7 +18,7 @@ sim: deps
 		--listen 127.0.0.1:7878 --resume-listen 127.0.0.1:7879 --token local-simulator-token
 
 test: deps
-	$(CARGO) test --workspace --all-targets
+	$(CARGO) test --workspace --lib --bins --tests
 
 fmt:
 	$(CARGO) fmt --all

@@ -168,6 +168,8 @@ pub struct CoordinatorState {
     /// Set by `Drain`: nothing is granted any more; the replies wait for the last release.
     draining: Vec<RpcReplyPort<()>>,
     drained: bool,
+    /// Backend releases in flight, awaited before a drain is answered.
+    releases: Vec<JoinHandle<()>>,
 }
 
 /// The IdentifyCoordinator actor.
@@ -204,6 +206,7 @@ impl Actor for IdentifyCoordinator {
             budget_blocked_until: None,
             draining: Vec::new(),
             drained: false,
+            releases: Vec::new(),
         })
     }
 
@@ -562,13 +565,14 @@ impl CoordinatorState {
         self.pump(myself, bucket);
     }
 
-    fn release_backend(&self, lock: BackendLock) {
+    fn release_backend(&mut self, lock: BackendLock) {
         let backend = self.args.backend.clone();
-        tokio::spawn(async move {
+        self.releases.retain(|task| !task.is_finished());
+        self.releases.push(tokio::spawn(async move {
             if let Err(error) = backend.release(lock).await {
                 log_release_error(lock, &error);
             }
-        });
+        }));
     }
 
     fn drain(&mut self, myself: &ActorRef<CoordinatorMsg>, reply: RpcReplyPort<()>) {
@@ -597,9 +601,20 @@ impl CoordinatorState {
         if self.buckets.iter().any(|bucket| bucket.holding.is_some()) {
             return;
         }
-        for reply in self.draining.drain(..) {
-            let _ = reply.send(());
+        // The process may exit right after the answer, so the releases in flight finish first.
+        let replies: Vec<RpcReplyPort<()>> = self.draining.drain(..).collect();
+        let releases: Vec<JoinHandle<()>> = self.releases.drain(..).collect();
+        if replies.is_empty() {
+            return;
         }
+        tokio::spawn(async move {
+            for release in releases {
+                let _ = release.await;
+            }
+            for reply in replies {
+                let _ = reply.send(());
+            }
+        });
     }
 
     fn status(&self) -> Vec<BucketStatus> {
