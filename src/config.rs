@@ -16,7 +16,7 @@ use toml::{Table, Value};
 /// The repository's `config.toml`: the defaults, and the documentation of every key.
 pub const DEFAULTS: &str = include_str!("../config.toml");
 
-/// Where a value came from, for error messages.
+/// The origin of a value, for error messages.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
     Defaults,
@@ -71,7 +71,7 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// How an environment variable of the replaced service spells a value.
+/// The spelling of a value in an environment variable of the replaced service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum LegacyForm {
     /// The same form as the key.
@@ -205,7 +205,7 @@ pub struct ProcessConfig {
     pub token_file: Option<String>,
 }
 
-/// Where the gateway is and how shards talk to it.
+/// The gateway address and the connection settings of the shards.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GatewayConfig {
     /// `None` for the built-in simulator, else Discord's HTTP API base.

@@ -1,12 +1,12 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tokio::signal::unix::{signal, Signal, SignalKind};
 use shardvisor::cli::{Cli, Command, LogFormat, RunArgs, SimArgs};
 use shardvisor::config::{Config, Overrides};
 use shardvisor::logging;
 use shardvisor::run::Service;
 use shardvisor::sim::Simulator;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// Exit status for a usage or configuration error (EX_USAGE of sysexits.h).
 const EXIT_USAGE: u8 = 64;

@@ -35,7 +35,7 @@ const MEMORY_SINK_KEEP: usize = 10_000;
 /// How often the progress line is printed while shards come up.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
-/// Why the main job could not run.
+/// A failure that stops the main job before its actors run.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("missing bot token: set SHARDVISOR_TOKEN or DISCORD_TOKEN, or process.token_file")]
@@ -60,7 +60,7 @@ pub enum RunError {
     },
 }
 
-/// How a run ended.
+/// The outcome of a run, as the summary line prints it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Summary {
     pub shards: u32,

@@ -1,8 +1,8 @@
 //! PostgreSQL for tests, in two forms:
 //!
 //! - [`TestDatabase`]: a fresh database `test_<pid>_<n>` on the shared server (127.0.0.1:5432,
-//!   or the connection string in `SHARDVISOR_TEST_POSTGRES`), dropped with `WITH (FORCE)` when
-//!   the value is dropped.
+//!   or the key-value connection string in `SHARDVISOR_TEST_POSTGRES`, which must not name a
+//!   database), dropped with `WITH (FORCE)` when the value is dropped.
 //! - [`PrivateCluster`]: a cluster of its own, made with `initdb` in a temporary directory and
 //!   served on a free loopback port, with `start`, `stop`, `restart` and `kill` for outage
 //!   tests. Only this cluster is ever stopped; the shared server is never touched.

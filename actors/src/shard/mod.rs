@@ -29,7 +29,7 @@ use crate::store::{EventSink, StateStore};
 use connection::{DialError, Dialed, Incoming};
 use state::ShardState;
 
-/// Why a member request was made; it only labels logs.
+/// The origin of a member request; it only labels logs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MemberRequestReason {
     /// The cached member count diverged from Discord's at GUILD_CREATE, or the guild was cold.

@@ -12,7 +12,8 @@ use std::collections::{HashMap, HashSet};
 
 use actors::store::ShardRecord;
 
-use super::events::{merge_objects, Json, Op};
+use super::events::{Json, Op};
+use super::payload::merge_objects;
 use super::schema::Table;
 
 /// The last write of one row within a batch.

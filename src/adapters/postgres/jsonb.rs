@@ -34,10 +34,10 @@ impl ToSql for Jsonb<'_> {
     to_sql_checked!();
 }
 
-/// Longest number literal accepted, in characters.
+/// Maximum length of an accepted number literal, in characters.
 const MAX_NUMBER_CHARS: usize = 1_000;
 
-/// Largest absolute decimal exponent accepted in a number literal.
+/// Maximum absolute decimal exponent of an accepted number literal.
 ///
 /// Together with [`MAX_NUMBER_CHARS`] this keeps every accepted number far inside the range of
 /// PostgreSQL's `numeric` (131072 digits before the point and 16383 after it, PostgreSQL 15),
@@ -148,9 +148,9 @@ fn check_number(json: &str, start: usize) -> Result<usize, String> {
         .map(|digits| digits.parse::<u32>().unwrap_or(u32::MAX))
         .unwrap_or(0);
     if literal.len() > MAX_NUMBER_CHARS || exponent > MAX_EXPONENT {
-        let shown: String = literal.chars().take(24).collect();
+        let prefix: String = literal.chars().take(24).collect();
         return Err(format!(
-            "number {shown}{} is out of the range stored as jsonb",
+            "number {prefix}{} is out of the range stored as jsonb",
             if literal.len() > 24 { "…" } else { "" }
         ));
     }

@@ -7,6 +7,7 @@
 //! exponential backoff, until it commits. Retrying is safe even when a commit's reply was lost,
 //! because every statement sets rows to their final value and the counts follow the rows.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,9 +18,11 @@ use tokio_postgres::{Client, Config, NoTls};
 
 use super::batch::Batch;
 use super::events::Op;
+use super::execute::is_data_error;
 use super::mirror::Mirror;
+use super::plan::Plan;
 use super::schema::apply_schema;
-use super::statements::{is_data_error, Plan, Statements};
+use super::statements::Statements;
 use super::{error_chain, PostgresError};
 
 /// A request to the writer.
@@ -80,13 +83,23 @@ struct Session {
     statements: Statements,
 }
 
+/// A committed batch.
+struct Flushed {
+    /// Member count of each guild of `member_guilds` that has one after the commit.
+    counts: HashMap<i64, i64>,
+    /// Guilds whose members the batch wrote.
+    member_guilds: Vec<i64>,
+    /// Statements run.
+    statements: usize,
+}
+
 /// The state of an outage, from the first failed flush attempt to the next commit.
 struct Outage {
     since: Instant,
     failures: u32,
 }
 
-/// Why a flush attempt failed.
+/// The cause of a failed flush attempt.
 #[derive(Debug, thiserror::Error)]
 enum FlushError {
     #[error(transparent)]
@@ -171,13 +184,15 @@ impl Writer {
         Some(pending)
     }
 
-    /// Commits a batch, retrying until it succeeds, then acknowledges it.
+    /// Commits a batch, retrying until it succeeds, then acknowledges it: the mirror takes the
+    /// new member counts, the queue space is released and the waiting callers are woken.
     async fn flush(&mut self, pending: Pending) {
         let Pending {
             batch,
             permits,
             waiters,
         } = pending;
+
         // A flush request with no writes of its own: everything queued before it is already
         // committed, because batches commit in queue order.
         if batch.is_empty() {
@@ -187,32 +202,59 @@ impl Writer {
         }
 
         let started = Instant::now();
+        let flushed = self.commit(&batch).await;
+
+        self.mirror
+            .set_member_counts(&flushed.member_guilds, &flushed.counts);
+        drop(permits);
+        acknowledge(waiters);
+
+        self.flushes += 1;
+        tracing::debug!(
+            flush = self.flushes,
+            rows = batch.writes,
+            statements = flushed.statements,
+            member_guilds = flushed.member_guilds.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "flush committed"
+        );
+    }
+
+    /// Commits a batch, retrying with backoff until it succeeds. Logs the first failure of an
+    /// outage as a warning and its end as information.
+    async fn commit(&mut self, batch: &Batch) -> Flushed {
         let mut outage: Option<Outage> = None;
 
-        let (counts, member_guilds, statements) = loop {
-            match self.try_flush(&batch).await {
+        let flushed = loop {
+            let error = match self.try_flush(batch).await {
                 Ok(flushed) => break flushed,
-                Err(error) => {
-                    // The connection may be broken or stuck mid-transaction: start over on a
-                    // new one, which also applies the schema again.
-                    self.session = None;
-                    let outage = outage.get_or_insert_with(|| {
-                        tracing::warn!(
-                            %error,
-                            rows = batch.writes,
-                            "PostgreSQL write failed; retrying with backoff, and apply waits while the queue is full"
-                        );
-                        Outage {
-                            since: Instant::now(),
-                            failures: 0,
-                        }
-                    });
-                    outage.failures += 1;
-                    let delay = backoff(&self.settings, outage.failures);
-                    tracing::debug!(%error, failures = outage.failures, delay_ms = delay.as_millis() as u64, "flush attempt failed");
-                    tokio::time::sleep(delay).await;
+                Err(error) => error,
+            };
+
+            // The connection may be broken or stuck in a transaction, so the next attempt
+            // starts on a new one, which also applies the schema again.
+            self.session = None;
+            let outage = outage.get_or_insert_with(|| {
+                tracing::warn!(
+                    %error,
+                    rows = batch.writes,
+                    "PostgreSQL write failed; retrying with backoff, and apply waits while the queue is full"
+                );
+                Outage {
+                    since: Instant::now(),
+                    failures: 0,
                 }
-            }
+            });
+            outage.failures += 1;
+
+            let delay = backoff(&self.settings, outage.failures);
+            tracing::debug!(
+                %error,
+                failures = outage.failures,
+                delay_ms = delay.as_millis() as u64,
+                "flush attempt failed"
+            );
+            tokio::time::sleep(delay).await;
         };
 
         if let Some(outage) = outage {
@@ -223,37 +265,26 @@ impl Writer {
                 "PostgreSQL writes recovered"
             );
         }
-
-        self.mirror.set_member_counts(&member_guilds, &counts);
-        drop(permits);
-        acknowledge(waiters);
-
-        self.flushes += 1;
-        tracing::debug!(
-            flush = self.flushes,
-            rows = batch.writes,
-            statements,
-            member_guilds = member_guilds.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "flush committed"
-        );
+        flushed
     }
 
-    /// Makes one attempt at committing a batch. Returns the member counts read back, the
-    /// guilds they were read for and the number of statements run.
-    async fn try_flush(
-        &mut self,
-        batch: &Batch,
-    ) -> Result<(std::collections::HashMap<i64, i64>, Vec<i64>, usize), FlushError> {
+    /// Makes one attempt at committing a batch.
+    async fn try_flush(&mut self, batch: &Batch) -> Result<Flushed, FlushError> {
         let timeout = self.settings.flush_timeout;
         let session = self.session().await?;
         let plan = Plan::new(batch, &session.statements);
         let member_guilds = plan.member_guilds().to_vec();
         let statements = plan.statement_count();
 
-        let attempt = plan.execute(&mut session.client, &session.statements);
+        let attempt = plan.execute(&session.client, &session.statements);
         let error = match tokio::time::timeout(timeout, attempt).await {
-            Ok(Ok(counts)) => return Ok((counts, member_guilds, statements)),
+            Ok(Ok(counts)) => {
+                return Ok(Flushed {
+                    counts,
+                    member_guilds,
+                    statements,
+                })
+            }
             Ok(Err(error)) if is_data_error(&error) => error,
             Ok(Err(error)) => return Err(error.into()),
             Err(_) => return Err(FlushError::TimedOut(timeout)),
@@ -277,7 +308,11 @@ impl Writer {
                 "row rejected by PostgreSQL and left out of the cache"
             );
         }
-        Ok((counts, member_guilds, statements))
+        Ok(Flushed {
+            counts,
+            member_guilds,
+            statements,
+        })
     }
 
     /// Returns the open session, connecting first if there is none.
@@ -307,7 +342,7 @@ impl Writer {
 
 fn acknowledge(waiters: Vec<oneshot::Sender<()>>) {
     for waiter in waiters {
-        // A caller that stopped waiting needs no answer.
+        // A caller that stopped waiting has dropped its receiver, and the send fails harmlessly.
         let _ = waiter.send(());
     }
 }
