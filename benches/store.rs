@@ -9,32 +9,41 @@
 //!   the queue, coalescing, the member count maintenance and one transaction per batch.
 //! - raw: the statement the writer's member upsert is built on
 //!   (`INSERT … SELECT FROM unnest($1::int8[], $2::int8[], $3::jsonb[]) ON CONFLICT DO UPDATE`)
-//!   on one connection, in batches of the writer's batch size, one transaction per batch,
-//!   with the columns built before the clock starts. No counts.
+//!   on one connection, in batches of the writer's batch size. As in the writer, a batch is
+//!   split into statements of at most 1,000 rows, and each batch is one transaction sent in
+//!   one round trip (`BEGIN`, the upserts and `COMMIT` pipelined). The columns are built before
+//!   the clock starts, and no counts are kept.
 //!
 //! Both write fresh rows: each round starts from empty tables. The result of each path is the
 //! median of its rounds.
 //!
-//! `cargo bench --bench store -- --candidates` measures the candidate write paths instead (multi-row
+//! `cargo bench --bench store -- --candidates` measures the candidate write paths instead, at
+//! several batch sizes, on fresh rows and on rows already stored. The candidates are multi-row
 //! `VALUES`, `unnest` with `jsonb` bound as text or as `serde_json::Value`, binary COPY into a
-//! temporary table then merge, the writer's statement with counts, and plain COPY) at several
-//! batch sizes, on fresh rows and on rows already stored, one line per measurement.
+//! temporary table then merge, the writer's statement with counts, and plain COPY. Each line is
+//! the median of `BENCH_STORE_ROUNDS` interleaved repetitions, with the CPU time the server
+//! backend spent per row.
 //!
-//! Environment: `BENCH_STORE_POSTGRES` (server, default
-//! `host=127.0.0.1 port=5432 user=postgres dbname=test`), `BENCH_STORE_ROWS` (members per
-//! round, default 200000), `BENCH_STORE_ROUNDS` (default 3), `BENCH_STORE_LOG` (a `tracing`
-//! filter such as `shardvisor=debug`; no logs when unset).
+//! Environment:
+//! - `BENCH_STORE_POSTGRES`: the server as a key-value connection string, default
+//!   `host=127.0.0.1 port=5432 user=postgres dbname=test`. The run appends its own `dbname`.
+//! - `BENCH_STORE_ROWS`: members per round, default 200000.
+//! - `BENCH_STORE_ROUNDS`: rounds per path, default 3.
+//! - `BENCH_STORE_BATCH_ROWS`: rows per batch of both paths, default the store's.
+//! - `BENCH_STORE_LOG`: a `tracing` filter such as `shardvisor=debug`. No logs when unset.
 
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actors::store::StateStore;
+use futures_util::future::try_join_all;
+use futures_util::FutureExt;
 use serde_json::value::RawValue;
 use shardvisor::adapters::postgres::{Jsonb, PostgresOptions, PostgresStore};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Statement};
 
 const DEFAULT_SERVER: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
 
@@ -43,6 +52,9 @@ const CHUNK_MEMBERS: usize = 1_000;
 
 /// Concurrent tasks applying chunks, as shards do.
 const SHARDS: usize = 4;
+
+/// Rows per upsert statement of the pipelined path, as in the writer.
+const STATEMENT_ROWS: usize = 1_000;
 
 /// Members per guild: a reconnect's member requests go to large guilds.
 const GUILD_MEMBERS: usize = 25_000;
@@ -196,6 +208,8 @@ fn median(mut values: Vec<f64>) -> f64 {
 async fn run_writer(url: &str, data: &Arc<Data>, batch_rows: usize) -> f64 {
     let mut options = PostgresOptions::new(url);
     options.batch_rows = batch_rows;
+    // Room for a few batches, so that the shards fill the next batch while one is written.
+    options.queue_rows = options.queue_rows.max(batch_rows * 4);
     let store = Arc::new(
         PostgresStore::connect(options)
             .await
@@ -243,6 +257,10 @@ enum Path {
     Values,
     /// `unnest` of three arrays, `jsonb` bound as text with the version byte.
     UnnestText,
+    /// As `UnnestText`, split into statements of at most 1,000 rows, with `BEGIN`, the
+    /// upserts and `COMMIT` sent together: one round trip per batch, as the writer sends its
+    /// flushes.
+    UnnestPipelined,
     /// `unnest` of three arrays, `jsonb` bound as `serde_json::Value` (parsed from the text on
     /// the clock).
     UnnestValue,
@@ -259,6 +277,7 @@ impl Path {
         match self {
             Path::Values => "values",
             Path::UnnestText => "unnest",
+            Path::UnnestPipelined => "unnest-pipelined",
             Path::UnnestValue => "unnest-serde-value",
             Path::UnnestCounts => "unnest-with-counts",
             Path::CopyMerge => "copy-merge",
@@ -324,11 +343,19 @@ async fn run_raw(client: &mut Client, path: Path, rows: &[MemberRow], batch: usi
         })
         .collect();
 
+    let begin = client.prepare("BEGIN").await.expect("prepare");
+    let commit = client.prepare("COMMIT").await.expect("prepare");
+
     let started = Instant::now();
     for (index, (guilds, users, data)) in batches.iter().enumerate() {
+        if let Path::UnnestPipelined = path {
+            upsert_pipelined(client, [&begin, &upsert, &commit], guilds, users, data).await;
+            continue;
+        }
+
         let transaction = client.transaction().await.expect("begin");
         match path {
-            Path::UnnestText => {
+            Path::UnnestText | Path::UnnestPipelined => {
                 transaction
                     .execute(&upsert, &[guilds, users, data])
                     .await
@@ -406,39 +433,138 @@ async fn run_raw(client: &mut Client, path: Path, rows: &[MemberRow], batch: usi
     rows_per_s(rows.len(), started.elapsed())
 }
 
-/// Measures every candidate path on fresh rows, and the upserts on rows already stored.
-async fn run_candidates(url: &str, rows: &[MemberRow]) {
+/// Writes one batch in one transaction sent in one round trip: `BEGIN`, upserts of at most
+/// 1,000 rows each (as the writer splits its statements), `COMMIT`.
+async fn upsert_pipelined(
+    client: &Client,
+    [begin, upsert, commit]: [&Statement; 3],
+    guilds: &[i64],
+    users: &[i64],
+    data: &[Jsonb<'_>],
+) {
+    let parts: Vec<(&[i64], &[i64], &[Jsonb<'_>])> = (0..data.len())
+        .step_by(STATEMENT_ROWS)
+        .map(|start| {
+            let end = (start + STATEMENT_ROWS).min(data.len());
+            (&guilds[start..end], &users[start..end], &data[start..end])
+        })
+        .collect();
+    let params: Vec<[&(dyn ToSql + Sync); 3]> = parts
+        .iter()
+        .map(|(guilds, users, data)| [guilds as &(dyn ToSql + Sync), users, data])
+        .collect();
+
+    let mut requests = vec![client.execute(begin, &[]).boxed()];
+    for params in &params {
+        requests.push(client.execute(upsert, params).boxed());
+    }
+    requests.push(client.execute(commit, &[]).boxed());
+
+    // `try_join_all` (futures-util 0.3) polls up to 30 futures in list order, so they are sent
+    // in that order.
+    assert!(
+        requests.len() <= 30,
+        "a batch of {} rows is too large to pipeline here",
+        data.len()
+    );
+    try_join_all(requests).await.expect("pipelined upsert");
+}
+
+/// Measures every candidate path on fresh rows, and the upserts again on the rows just
+/// stored. Each measurement is repeated `rounds` times, interleaved with the others so that a
+/// burst of load elsewhere on the machine does not hit one path only, and the median is printed.
+async fn run_candidates(url: &str, rows: &[MemberRow], rounds: usize) {
     let mut client = connect(url).await;
+    let server_pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("backend pid")
+        .get(0);
     let paths = [
         Path::Values,
         Path::UnnestText,
+        Path::UnnestPipelined,
         Path::UnnestValue,
         Path::UnnestCounts,
         Path::CopyMerge,
         Path::CopyFresh,
     ];
+
     for batch in [1_000, 2_000, 5_000, 10_000] {
-        for path in paths {
-            if matches!(path, Path::Values) && batch * 3 > usize::from(u16::MAX) {
-                continue;
+        // Per path: (rows per second, server CPU µs per row) of each round, fresh and stored.
+        let mut fresh: Vec<Vec<(f64, Option<f64>)>> = vec![Vec::new(); paths.len()];
+        let mut stored: Vec<Vec<(f64, Option<f64>)>> = vec![Vec::new(); paths.len()];
+        for _ in 0..rounds {
+            for (index, path) in paths.iter().enumerate() {
+                if matches!(path, Path::Values) && batch * 3 > usize::from(u16::MAX) {
+                    continue;
+                }
+                reset(&client).await;
+                let measure = measured(
+                    server_pid,
+                    rows.len(),
+                    run_raw(&mut client, *path, rows, batch),
+                );
+                fresh[index].push(measure.await);
+                if !matches!(path, Path::CopyFresh) {
+                    // The same rows again: every row conflicts, and none changes.
+                    let measure = measured(
+                        server_pid,
+                        rows.len(),
+                        run_raw(&mut client, *path, rows, batch),
+                    );
+                    stored[index].push(measure.await);
+                }
             }
-            reset(&client).await;
-            let fresh = run_raw(&mut client, path, rows, batch).await;
-            println!(
-                "candidate bench-store path={} batch_rows={batch} rows=fresh rows_per_s={fresh:.0}",
-                path.name()
-            );
-            if matches!(path, Path::CopyFresh) {
-                continue;
+        }
+
+        for (index, path) in paths.iter().enumerate() {
+            for (kind, results) in [("fresh", &fresh[index]), ("stored", &stored[index])] {
+                if results.is_empty() {
+                    continue;
+                }
+                let rate = median(results.iter().map(|(rate, _)| *rate).collect());
+                let cpu: Option<Vec<f64>> = results.iter().map(|(_, cpu)| *cpu).collect();
+                let cpu = cpu.map_or("n/a".to_owned(), |cpu| format!("{:.1}", median(cpu)));
+                println!(
+                    "candidate bench-store path={} batch_rows={batch} rows={kind} rows_per_s={rate:.0} server_cpu_us_per_row={cpu}",
+                    path.name()
+                );
             }
-            // The same rows again: every row conflicts, and none changes.
-            let stored = run_raw(&mut client, path, rows, batch).await;
-            println!(
-                "candidate bench-store path={} batch_rows={batch} rows=stored rows_per_s={stored:.0}",
-                path.name()
-            );
         }
     }
+}
+
+/// Runs a raw path and adds the CPU time its server backend used per row. The CPU time is read
+/// from `/proc/<pid>/stat` (Linux, server on this machine, readable by this user); it is `None`
+/// where that file cannot be read. Unlike rows per second, it hardly changes with the load of
+/// other processes on the machine.
+async fn measured(
+    server_pid: i32,
+    rows: usize,
+    run: impl std::future::Future<Output = f64>,
+) -> (f64, Option<f64>) {
+    let before = backend_cpu_ticks(server_pid);
+    let rate = run.await;
+    let after = backend_cpu_ticks(server_pid);
+    let cpu = before
+        .zip(after)
+        .map(|(before, after)| (after - before) as f64 * 1e6 / CLOCK_TICKS_PER_S / rows as f64);
+    (rate, cpu)
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`), 100 on Linux.
+const CLOCK_TICKS_PER_S: f64 = 100.0;
+
+/// Returns the user plus system CPU time of a process in clock ticks (fields 14 and 15 of
+/// `/proc/<pid>/stat`).
+fn backend_cpu_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses and may contain spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let user: u64 = fields.get(11)?.parse().ok()?;
+    let system: u64 = fields.get(12)?.parse().ok()?;
+    Some(user + system)
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -461,7 +587,10 @@ async fn main() {
         std::env::var("BENCH_STORE_POSTGRES").unwrap_or_else(|_| DEFAULT_SERVER.to_owned());
     let rows = env_usize("BENCH_STORE_ROWS", 200_000);
     let rounds = env_usize("BENCH_STORE_ROUNDS", 3).max(1);
-    let batch_rows = PostgresOptions::new("").batch_rows;
+    let batch_rows = env_usize(
+        "BENCH_STORE_BATCH_ROWS",
+        PostgresOptions::new("").batch_rows,
+    );
 
     let database = BenchDatabase::create(&server).await;
     let data = Arc::new(make_data(rows));
@@ -477,35 +606,16 @@ async fn main() {
     store.close().await;
 
     if candidates {
-        run_candidates(&database.url, &data.rows).await;
+        run_candidates(&database.url, &data.rows, rounds).await;
         database.drop_database().await;
         return;
     }
 
-    if std::env::var("PROBE").is_ok() {
-        let mut options = PostgresOptions::new(database.url.as_str());
-        options.queue_rows = 100_000_000;
-        options.batch_rows = 2000;
-        let store = PostgresStore::connect(options).await.unwrap();
-        let started = Instant::now();
-        for chunk in data.chunks.iter() {
-            store.apply(0, "GUILD_MEMBERS_CHUNK", chunk).await.unwrap();
-        }
-        println!(
-            "PROBE apply only, one task: {:.0} rows/s",
-            rows_per_s(rows, started.elapsed())
-        );
-        store.flush().await.unwrap();
-        println!(
-            "PROBE until flushed: {:.0} rows/s",
-            rows_per_s(rows, started.elapsed())
-        );
-    }
     let mut client = connect(&database.url).await;
     let (mut writer, mut raw) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
         reset(&client).await;
-        raw.push(run_raw(&mut client, Path::UnnestText, &data.rows, batch_rows).await);
+        raw.push(run_raw(&mut client, Path::UnnestPipelined, &data.rows, batch_rows).await);
         reset(&client).await;
         writer.push(run_writer(&database.url, &data, batch_rows).await);
         println!(

@@ -962,6 +962,44 @@ async fn duplicate_keys_in_one_batch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_batch_split_into_statements() {
+    let db = TestDatabase::create().await;
+    let client = db.client().await;
+    let mut opts = options(db.url());
+    // One batch of 3,500 member writes, more than one statement takes.
+    opts.max_age = Duration::from_secs(30);
+    opts.batch_rows = 100_000;
+    let store = connect(opts).await;
+
+    apply_ok(&store, "GUILD_CREATE", json!({"id": "1", "name": "g"})).await;
+    for first in [1u64, 1_001, 2_001] {
+        apply_ok(
+            &store,
+            "GUILD_MEMBERS_CHUNK",
+            chunk(1, first..first + 1_000),
+        )
+        .await;
+    }
+    for user_id in 1..=500u64 {
+        let remove = json!({"guild_id": "1", "user": user(user_id)});
+        apply_ok(&store, "GUILD_MEMBER_REMOVE", remove).await;
+    }
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM members").await,
+        0,
+        "the batch was flushed before it was asked to be"
+    );
+    flush(&store).await;
+
+    let sql = "SELECT count(*), min(user_id), max(user_id) FROM members WHERE guild_id = 1";
+    let row = client.query_one(sql, &[]).await.expect("member summary");
+    let (rows, min, max): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!((rows, min, max), (2_500, 501, 3_000));
+    assert_eq!(store.member_count(1).await.unwrap(), Some(2_500));
+    assert_counts_exact(&store, &client, "after the large batch").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nul_and_malformed_payloads() {
     let db = TestDatabase::create().await;
     let client = db.client().await;
@@ -1255,8 +1293,8 @@ async fn full_queue_makes_apply_wait() {
 async fn schema_reuses_existing_tables() {
     let db = TestDatabase::create().await;
     let client = db.client().await;
-    // Tables as the replaced service left them: members without a count table, and shards
-    // without status and resume_url.
+    // Tables as the replaced service left them: members without a count table, shards without
+    // status and resume_url, and threads keyed by id alone.
     client
         .batch_execute(
             "CREATE TABLE members (guild_id int8 NOT NULL, user_id int8 NOT NULL, data jsonb NOT NULL,
@@ -1266,7 +1304,9 @@ async fn schema_reuses_existing_tables() {
              INSERT INTO members VALUES (1, 10, '{}'), (1, 11, '{}'), (2, 10, '{}');
              INSERT INTO shards VALUES (0, 'bot-a', 42, 'old-session');
              CREATE TABLE guilds (id int8 NOT NULL, data jsonb NOT NULL, PRIMARY KEY (id));
-             INSERT INTO guilds VALUES (1, '{\"name\": \"old\"}');",
+             INSERT INTO guilds VALUES (1, '{\"name\": \"old\"}');
+             CREATE TABLE threads (id int8 NOT NULL, owner_id int8, parent_id int8,
+                                   guild_id int8 NOT NULL, data jsonb NOT NULL, PRIMARY KEY (id));",
         )
         .await
         .expect("old tables created");
@@ -1294,12 +1334,24 @@ async fn schema_reuses_existing_tables() {
     assert_eq!(loaded.session_id.as_deref(), Some("old-session"));
     assert_eq!(loaded.status, "");
     assert_eq!(loaded.resume_url, None);
+
+    // The writer's thread upsert works on the old threads table.
+    apply_ok(&store, "THREAD_CREATE", thread_in(1, 700, TEXT_CHANNEL)).await;
+    flush(&store).await;
+    assert_eq!(ids(&store, 1, Table::Threads).await, [700]);
     store.close().await;
+    let index_sql = "SELECT count(*) FROM pg_indexes WHERE tablename = 'threads'";
+    let indexes = count(&client, index_sql).await;
 
     // Connecting again changes nothing.
     let store = connect(options(db.url())).await;
     assert_eq!(store.member_count(1).await.unwrap(), Some(2));
     assert_counts_exact(&store, &client, "after two connects").await;
+    assert_eq!(
+        count(&client, index_sql).await,
+        indexes,
+        "an index was created twice"
+    );
 }
 
 /// Applies chunks of ten new members to guild 1 until `stop` is set, and stores the highest

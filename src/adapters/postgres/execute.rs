@@ -105,7 +105,7 @@ impl Plan<'_> {
             }
 
             for index in 0..call.columns.len() {
-                let row = call.columns.row(index);
+                let row = call.columns.range(index, index + 1);
                 let savepoint = transaction.savepoint("row").await?;
                 match savepoint.execute(call.statement, &row.params()).await {
                     Ok(_) => savepoint.commit().await?,

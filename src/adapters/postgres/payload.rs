@@ -169,9 +169,9 @@ pub(super) fn parse_item<'a, T: Deserialize<'a>>(
 
 /// Parses JSON found at `place` in the payload (empty for the whole payload) into `T`.
 ///
-/// Valid input is parsed without tracking the path, which costs about three times as much
-/// (measured on a 1,000-member chunk: 1.2 ms with the path, 0.4 ms without). Only invalid
-/// input is parsed again to name the failing field.
+/// Valid input is parsed without tracking the path: in a one-off timing of the member keys of a
+/// 1,000-member chunk, tracking made parsing about three times slower (1.2 ms against 0.4 ms,
+/// release build, 2 cores). Only invalid input is parsed again to name the failing field.
 pub(super) fn parse_at<'a, T: Deserialize<'a>>(place: &str, json: &'a str) -> Result<T, String> {
     if let Ok(value) = serde_json::from_str(json) {
         return Ok(value);

@@ -2,10 +2,12 @@
 //!
 //! Column names and keys match the tables of the service this store replaces, so that an
 //! existing database is used as it is: each cached object is a `jsonb` column `data`, keyed as
-//! Discord keys it. Two additions: `threads.parent_id` (so that deleting a channel deletes its
-//! threads) and `guild_member_counts` (the member count per guild, read in O(1)).
+//! Discord keys it. The additions are `threads.parent_id` (so that deleting a channel deletes
+//! its threads), `shards.status` and `shards.resume_url`, `guild_member_counts` (the member
+//! count per guild), and a unique index wherever an existing table lacks one that an upsert
+//! needs.
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 use super::PostgresError;
 
@@ -172,6 +174,62 @@ INSERT INTO guild_member_counts (guild_id, count)
     SELECT guild_id, count(*) FROM members GROUP BY guild_id;
 ";
 
+/// The columns of every `ON CONFLICT` target of the writer, sorted by name, by table. Each needs
+/// a unique index on exactly these columns, or the upsert fails.
+const CONFLICT_TARGETS: [(&str, &[&str]); 10] = [
+    ("guilds", &["id"]),
+    ("members", &["guild_id", "user_id"]),
+    ("roles", &["guild_id", "id"]),
+    ("channels", &["guild_id", "id"]),
+    ("emojis", &["guild_id", "id"]),
+    ("threads", &["guild_id", "id"]),
+    ("presence", &["guild_id", "user_id"]),
+    ("voice_states", &["guild_id", "user_id"]),
+    ("shards", &["id", "name"]),
+    ("guild_member_counts", &["guild_id"]),
+];
+
+/// Creates a unique index on `columns` of `table` unless one exists.
+///
+/// The tables created above have one as their primary key. A table of the same name that
+/// existed before may be keyed otherwise (a `threads` table keyed by `id` alone, say), and
+/// without the index every flush would fail on the upsert and be retried forever.
+async fn ensure_unique_index(
+    transaction: &Transaction<'_>,
+    table: &str,
+    columns: &[&str],
+) -> Result<(), PostgresError> {
+    let query = |operation| move |source| PostgresError::Query { operation, source };
+
+    let sql = "SELECT EXISTS (
+        SELECT 1 FROM pg_index AS i
+        WHERE i.indrelid = $1::text::regclass AND i.indisunique AND i.indnatts = $2
+          AND (SELECT array_agg(a.attname::text ORDER BY a.attname::text)
+               FROM pg_attribute AS a
+               WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)) = $3::text[])";
+    let width = i16::try_from(columns.len()).unwrap_or(i16::MAX);
+    let exists: bool = transaction
+        .query_one(sql, &[&table, &width, &columns])
+        .await
+        .map_err(query("looking up the unique indexes"))?
+        .get(0);
+    if exists {
+        return Ok(());
+    }
+
+    let name = format!("{table}_{}_key", columns.join("_"));
+    let sql = format!(
+        "CREATE UNIQUE INDEX {name} ON {table} ({})",
+        columns.join(", ")
+    );
+    transaction
+        .batch_execute(&sql)
+        .await
+        .map_err(query("creating a unique index for the upserts"))?;
+    tracing::info!(table, index = %name, "unique index created for the upserts");
+    Ok(())
+}
+
 /// Checks the database encoding and creates the missing tables, in one transaction.
 pub(super) async fn apply_schema(client: &mut Client) -> Result<(), PostgresError> {
     let query = |operation| move |source| PostgresError::Query { operation, source };
@@ -211,6 +269,10 @@ pub(super) async fn apply_schema(client: &mut Client) -> Result<(), PostgresErro
             .await
             .map_err(query("creating guild_member_counts"))?;
         tracing::info!("guild_member_counts created from the stored members");
+    }
+
+    for (table, columns) in CONFLICT_TARGETS {
+        ensure_unique_index(&transaction, table, columns).await?;
     }
 
     transaction

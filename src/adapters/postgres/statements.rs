@@ -1,9 +1,9 @@
 //! The SQL of a flush, prepared once per connection.
 //!
 //! Every statement takes whole columns as arrays (`unnest($1::int8[], …)`), so a flush runs one
-//! statement per table and kind of write whatever its row count. `unnest` was chosen with
-//! `cargo bench --bench store -- --candidates`, which compares it with multi-row `VALUES` and
-//! with binary COPY into a temporary table.
+//! statement per table and kind of write for every 1,000 rows (see `plan::MAX_STATEMENT_ROWS`).
+//! `unnest` was chosen with `cargo bench --bench store -- --candidates`, which compares it with
+//! multi-row `VALUES` and with binary COPY into a temporary table.
 
 use tokio_postgres::{Client, Statement};
 
