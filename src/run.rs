@@ -527,7 +527,7 @@ impl Backends {
     }
 }
 
-/// The session-start budget `GET /gateway/bot` reported, with the configured reserve.
+/// Returns the session-start budget `GET /gateway/bot` reported, with the configured reserve.
 fn session_budget(config: &Config, gateway: &GatewayBot) -> SessionBudget {
     let limit = &gateway.session_start_limit;
     SessionBudget {

@@ -67,7 +67,7 @@ pub struct IdentifyRecord {
     pub accepted: bool,
 }
 
-/// How a connection ended.
+/// The end of a connection.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "snake_case", tag = "by")]
 pub enum ConnectionEnd {

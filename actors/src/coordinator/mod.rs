@@ -94,7 +94,7 @@ pub enum CoordinatorMsg {
     /// went out has reached the end of its pacing window and was released. A process that exits
     /// after this leaves no bucket locked behind it.
     Drain(RpcReplyPort<()>),
-    /// Internal: the backend answered an acquire.
+    /// Internal: the result of a backend acquire.
     BackendAcquired {
         bucket: u32,
         result: Result<BackendLock, String>,
@@ -596,7 +596,7 @@ impl CoordinatorState {
         self.answer_drain();
     }
 
-    /// Answers the drain requests once no bucket is held any more.
+    /// Replies to the drain requests once no bucket is held any more.
     fn answer_drain(&mut self) {
         if self.buckets.iter().any(|bucket| bucket.holding.is_some()) {
             return;

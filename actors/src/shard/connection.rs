@@ -139,7 +139,7 @@ pub(crate) async fn dial(
     })
 }
 
-/// What the actor asks the writer to do.
+/// A request from the actor to its writer task.
 pub(crate) enum Outgoing {
     /// Send now, ahead of queued commands (heartbeats, RESUME).
     Urgent(String),

@@ -461,7 +461,7 @@ impl ShardState {
         }
     }
 
-    /// The connection ended without this shard closing it.
+    /// Handles a connection that ended without this shard closing it.
     async fn connection_ended(&mut self, end: CloseInitiator) {
         self.teardown_connection();
         match CloseAction::after(end) {
