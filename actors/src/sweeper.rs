@@ -1086,7 +1086,9 @@ mod tests {
         let valid = harness.args(4, 0..4, 12.0);
         assert!(valid.validate().is_ok());
 
-        let cases: [(&str, fn(&mut SweeperArgs), &str); 6] = [
+        // (case, how it breaks valid arguments, the error it must name)
+        type Case = (&'static str, fn(&mut SweeperArgs), &'static str);
+        let cases: [Case; 6] = [
             (
                 "zero rate",
                 |args| args.requests_per_second = 0.0,

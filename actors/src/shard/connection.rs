@@ -1,8 +1,8 @@
 //! The transport of one gateway connection: dial and HELLO, then a reader task that decodes
-//! frames for the actor and a writer task that sends the actor's payloads within Discord's send
-//! limit.
+//! frames for the actor, a writer task that sends the actor's payloads within Discord's send
+//! limit, and the heartbeat task.
 //!
-//! Both tasks belong to the ShardActor's current connection and are aborted when it ends. Every
+//! The tasks belong to the ShardActor's current connection and are aborted when it ends. Every
 //! message they send the actor carries the connection number, so a late message of an old
 //! connection is recognised and dropped.
 
@@ -14,13 +14,14 @@ use futures_util::{SinkExt, StreamExt};
 use leaky_bucket::RateLimiter;
 use ractor::ActorRef;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use super::heartbeat::{self, Pulse};
 use super::{Event, ShardMsg};
 use crate::gateway::close::CloseInitiator;
 use crate::gateway::{CloseCode, Hello, Inflater, ServerPayload, SEND_LIMIT, SEND_LIMIT_WINDOW};
@@ -155,29 +156,55 @@ pub(crate) struct Link {
     pub(crate) urgent: mpsc::UnboundedSender<Outgoing>,
     /// Commands paced by the send limiter (member requests, presence updates).
     pub(crate) commands: mpsc::UnboundedSender<String>,
+    pub(crate) pulse: Arc<Pulse>,
     reader: JoinHandle<()>,
+    heartbeat: JoinHandle<()>,
     writer: Option<JoinHandle<()>>,
 }
 
 impl Link {
-    /// Starts the reader and the writer of a dialed connection.
-    pub(crate) fn start(dialed: Dialed, connection: u64, actor: ActorRef<ShardMsg>) -> Self {
+    /// Starts the reader, the writer and the heartbeats of a dialed connection. `seq` is the
+    /// sequence of the session about to be resumed, 0 for a new one.
+    pub(crate) fn start(
+        dialed: Dialed,
+        seq: u64,
+        connection: u64,
+        actor: ActorRef<ShardMsg>,
+    ) -> Self {
         let (urgent, urgent_rx) = mpsc::unbounded_channel();
         let (commands, commands_rx) = mpsc::unbounded_channel();
-        let reader = tokio::spawn(read_loop(dialed.stream, dialed.inflater, connection, actor));
+        let pulse = Pulse::new(seq);
+        let interval = Duration::from_millis(dialed.hello.heartbeat_interval.max(1));
+        let reader = tokio::spawn(read_loop(
+            dialed.stream,
+            dialed.inflater,
+            pulse.clone(),
+            connection,
+            actor.clone(),
+        ));
+        let heartbeat = tokio::spawn(heartbeat::run(
+            pulse.clone(),
+            interval,
+            urgent.clone(),
+            connection,
+            actor,
+        ));
         let writer = tokio::spawn(write_loop(dialed.sink, urgent_rx, commands_rx));
         Self {
             urgent,
             commands,
+            pulse,
             reader,
+            heartbeat,
             writer: Some(writer),
         }
     }
 
-    /// Closes with `code` after the queued urgent payloads, then stops both tasks. The reader
+    /// Closes with `code` after the queued urgent payloads, then stops the tasks. The reader
     /// is stopped at once, so the actor sees no frame of this connection afterwards.
     pub(crate) fn close(mut self, code: CloseCode) {
         self.reader.abort();
+        self.heartbeat.abort();
         let _ = self.urgent.send(Outgoing::Close(code));
         // The writer ends by itself after the close frame; abort it if it is stuck on a dead
         // socket.
@@ -200,6 +227,7 @@ impl Drop for Link {
     /// A link dropped without [`Link::close`] ends without a close frame.
     fn drop(&mut self) {
         self.reader.abort();
+        self.heartbeat.abort();
         if let Some(writer) = self.writer.take() {
             writer.abort();
         }
@@ -209,6 +237,7 @@ impl Drop for Link {
 async fn read_loop(
     mut stream: SplitStream<Socket>,
     mut inflater: Option<Inflater>,
+    pulse: Arc<Pulse>,
     connection: u64,
     actor: ActorRef<ShardMsg>,
 ) {
@@ -251,8 +280,31 @@ async fn read_loop(
                 continue;
             }
         };
-        let Ok(permit) = credits.clone().acquire_owned().await else {
-            break CloseInitiator::Transport;
+        // Heartbeat traffic is handled here, ahead of the frames the actor has not taken yet.
+        match &payload {
+            ServerPayload::HeartbeatAck => {
+                pulse.acknowledged();
+                continue;
+            }
+            ServerPayload::Heartbeat => {
+                pulse.beat_requested();
+                continue;
+            }
+            ServerPayload::Dispatch(dispatch) => pulse.received(dispatch.seq),
+            _ => {}
+        }
+        let permit = match credits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::NoPermits) => {
+                pulse.stall_began();
+                let permit = credits.clone().acquire_owned().await;
+                pulse.stall_ended();
+                match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break CloseInitiator::Transport,
+                }
+            }
+            Err(TryAcquireError::Closed) => break CloseInitiator::Transport,
         };
         let incoming = Incoming {
             payload,

@@ -3,12 +3,14 @@
 //!
 //! A shard dials and reads HELLO before it asks for anything, so the identify lease covers only
 //! the pacing window. A shard that will request members first takes a stabilize permit. A shard
-//! with a stored session resumes and skips both. Timers (heartbeat, stabilize hold, guild wait,
-//! member retries) are messages the actor sends itself, tagged with the connection they belong
-//! to, and they die with the actor.
+//! with a stored session resumes and skips both. Timers (stabilize hold, guild wait, member
+//! retries) are messages the actor sends itself, tagged with the connection they belong to, and
+//! they die with the actor. Heartbeats belong to the connection's own tasks, so that a shard
+//! waiting on its store or sink keeps its session.
 
 mod connection;
 mod dispatch;
+mod heartbeat;
 mod stage;
 mod state;
 
@@ -148,8 +150,10 @@ pub(crate) enum Event {
         connection: u64,
         end: CloseInitiator,
     },
-    Heartbeat {
+    /// The connection's heartbeat task found a beat unacknowledged for a whole interval.
+    Zombie {
         connection: u64,
+        interval: Duration,
     },
     PermitGranted {
         permit: Permit,

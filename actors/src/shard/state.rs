@@ -30,18 +30,6 @@ pub(crate) struct Session {
     pub(crate) resume_url: Option<String>,
 }
 
-/// Heartbeat bookkeeping of the current connection.
-#[derive(Default)]
-pub(crate) struct Heartbeat {
-    pub(crate) interval: Duration,
-    /// `false` between a heartbeat and its ACK.
-    pub(crate) acked: bool,
-    pub(crate) sent_at: Option<Instant>,
-    pub(crate) last_ack: Option<Instant>,
-    pub(crate) latency: Option<Duration>,
-    pub(crate) timer: Option<JoinHandle<()>>,
-}
-
 /// Progress of the GUILD_CREATEs after READY.
 #[derive(Default)]
 pub(crate) struct GuildProgress {
@@ -63,7 +51,6 @@ pub struct ShardState {
     pub(crate) link: Option<Link>,
     dial: Option<JoinHandle<()>>,
     reconnect_timer: Option<JoinHandle<()>>,
-    pub(crate) heartbeat: Heartbeat,
     /// Consecutive reconnects without reaching READY or RESUMED.
     attempt: u32,
     pub(crate) permit: Option<Permit>,
@@ -116,7 +103,6 @@ impl ShardState {
             link: None,
             dial: None,
             reconnect_timer: None,
-            heartbeat: Heartbeat::default(),
             attempt: 0,
             permit: None,
             permit_task: None,
@@ -161,9 +147,18 @@ impl ShardState {
                     self.connection_ended(end).await;
                 }
             }
-            Event::Heartbeat { connection } => {
-                if connection == self.connection {
-                    self.beat();
+            Event::Zombie {
+                connection,
+                interval,
+            } => {
+                if connection == self.connection && self.link.is_some() {
+                    tracing::info!(
+                        shard = self.args.shard,
+                        interval_ms = interval.as_millis() as u64,
+                        "no heartbeat ACK since the last beat; zombie connection, resuming"
+                    );
+                    self.close_link(CloseCode::RESUMABLE_CLIENT_CLOSE);
+                    self.schedule_reconnect();
                 }
             }
             Event::PermitGranted { permit } => self.permit_granted(permit),
@@ -240,18 +235,12 @@ impl ShardState {
             }
         };
 
-        let interval = Duration::from_millis(dialed.hello.heartbeat_interval.max(1));
-        self.link = Some(Link::start(dialed, self.connection, self.myself.clone()));
-        self.heartbeat = Heartbeat {
-            interval,
-            acked: true,
-            ..Heartbeat::default()
-        };
-
-        // Discord asks for the first heartbeat after `interval * jitter`, jitter in [0, 1), so
-        // that shards reconnecting together do not beat together.
-        let first = interval.mul_f64(rand::random::<f64>());
-        self.schedule_heartbeat(first);
+        self.link = Some(Link::start(
+            dialed,
+            self.seq,
+            self.connection,
+            self.myself.clone(),
+        ));
 
         match self.session.clone() {
             Some(session) => self.send_resume(&session),
@@ -383,17 +372,8 @@ impl ShardState {
     async fn on_payload(&mut self, payload: ServerPayload) {
         match payload {
             ServerPayload::Dispatch(dispatch) => self.on_dispatch(dispatch).await,
-            ServerPayload::HeartbeatAck => {
-                let now = Instant::now();
-                self.heartbeat.acked = true;
-                self.heartbeat.last_ack = Some(now);
-                self.heartbeat.latency = self.heartbeat.sent_at.map(|sent| now - sent);
-                tracing::trace!(shard = self.args.shard, "heartbeat acknowledged");
-            }
-            ServerPayload::Heartbeat => {
-                // The gateway asks for a beat now; it does not move the regular schedule.
-                self.send_heartbeat();
-            }
+            // The connection's heartbeat task takes these; the reader never forwards them.
+            ServerPayload::HeartbeatAck | ServerPayload::Heartbeat => {}
             ServerPayload::Reconnect => {
                 tracing::info!(shard = self.args.shard, "gateway asked to reconnect");
                 self.reconnect(CloseCode::RESUMABLE_CLIENT_CLOSE, Duration::ZERO)
@@ -417,42 +397,6 @@ impl ShardState {
                 tracing::debug!(shard = self.args.shard, "second HELLO ignored");
             }
         }
-    }
-
-    /// Sends a heartbeat, or closes a zombie connection whose last beat was never acknowledged.
-    fn beat(&mut self) {
-        if !self.heartbeat.acked {
-            tracing::info!(
-                shard = self.args.shard,
-                interval_ms = self.heartbeat.interval.as_millis() as u64,
-                "no heartbeat ACK since the last beat; zombie connection, resuming"
-            );
-            self.close_link(CloseCode::RESUMABLE_CLIENT_CLOSE);
-            self.schedule_reconnect();
-            return;
-        }
-        self.send_heartbeat();
-        self.heartbeat.acked = false;
-        let interval = self.heartbeat.interval;
-        self.schedule_heartbeat(interval);
-    }
-
-    fn send_heartbeat(&mut self) {
-        let seq = (self.seq > 0).then_some(self.seq);
-        self.heartbeat.sent_at = Some(Instant::now());
-        self.send_urgent(ClientPayload::Heartbeat { seq }.encode());
-    }
-
-    fn schedule_heartbeat(&mut self, delay: Duration) {
-        let connection = self.connection;
-        let actor = self.myself.clone();
-        if let Some(timer) = self.heartbeat.timer.take() {
-            timer.abort();
-        }
-        self.heartbeat.timer = Some(tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = actor.cast(ShardMsg::from(Event::Heartbeat { connection }));
-        }));
     }
 
     pub(crate) fn send_urgent(&self, text: String) {
@@ -513,9 +457,6 @@ impl ShardState {
     /// Stops everything tied to the current connection.
     fn teardown_connection(&mut self) {
         self.link = None;
-        if let Some(timer) = self.heartbeat.timer.take() {
-            timer.abort();
-        }
         if let Some(timer) = self.guilds.timer.take() {
             timer.abort();
         }
@@ -745,16 +686,18 @@ impl ShardState {
     }
 
     pub(crate) fn status(&self) -> ShardStatus {
+        let pulse = self
+            .link
+            .as_ref()
+            .map(|link| link.pulse.reading())
+            .unwrap_or_default();
         ShardStatus {
             shard: self.args.shard,
             stage: self.stage.clone(),
             session_id: self.session.as_ref().map(|s| s.id.clone()),
             seq: self.seq,
-            last_ack_ms_ago: self
-                .heartbeat
-                .last_ack
-                .map(|at| at.elapsed().as_millis() as u64),
-            latency_ms: self.heartbeat.latency.map(|l| l.as_millis() as u64),
+            last_ack_ms_ago: pulse.since_last_ack.map(|d| d.as_millis() as u64),
+            latency_ms: pulse.latency.map(|l| l.as_millis() as u64),
             guilds: self.guilds.total,
             outstanding_member_requests: self.outstanding.len() as u32,
             missed_events: self.missed_events,
@@ -787,7 +730,6 @@ impl ShardState {
             self.lease_task.take(),
             self.stabilize_timer.take(),
             self.guilds.timer.take(),
-            self.heartbeat.timer.take(),
         ]
         .into_iter()
         .flatten()
