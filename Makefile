@@ -1,7 +1,7 @@
 # The README's two commands: `make run` and `make test`.
 CARGO ?= cargo
 
-.PHONY: run test sim deps fmt lint bench-identify bench-store bench-events
+.PHONY: run test sim deps fmt lint bench-identify bench-store bench-events bench-divergence
 
 deps:
 	./scripts/ensure-deps
@@ -37,3 +37,6 @@ bench-store: deps
 
 bench-events: deps
 	$(CARGO) bench --bench events
+
+bench-divergence: deps
+	$(CARGO) bench --bench divergence

@@ -114,6 +114,7 @@ const KEYS: &[KeySpec] = &[
     key("gateway.connect_timeout"),
     key("gateway.guild_timeout"),
     key("gateway.invalid_session_wait"),
+    key("gateway.member_request_window"),
     key("gateway.reconnect_backoff_base"),
     key("gateway.reconnect_backoff_max"),
     key("gateway.save_every"),
@@ -216,6 +217,7 @@ pub struct GatewayConfig {
     pub connect_timeout: Duration,
     pub guild_timeout: Duration,
     pub invalid_session_wait: Duration,
+    pub member_request_window: Duration,
     pub reconnect_backoff_base: Duration,
     pub reconnect_backoff_max: Duration,
     pub save_every: u64,
@@ -853,6 +855,8 @@ impl Reader<'_> {
             connect_timeout: self.duration("gateway.connect_timeout", Duration::from_millis(100)),
             guild_timeout: self.duration("gateway.guild_timeout", Duration::from_millis(100)),
             invalid_session_wait: self.duration("gateway.invalid_session_wait", Duration::ZERO),
+            member_request_window: self
+                .duration("gateway.member_request_window", Duration::from_millis(1)),
             reconnect_backoff_base: self
                 .duration("gateway.reconnect_backoff_base", Duration::from_millis(1)),
             reconnect_backoff_max: self

@@ -116,6 +116,8 @@ pub struct Service {
     pub store: Arc<dyn StateStore>,
     /// The in-memory store, when it is the configured one (tests read the cache through it).
     pub memory_store: Option<Arc<MemoryStore>>,
+    /// The PostgreSQL store, when it is the configured one; shutdown commits its queue.
+    postgres: Option<Arc<PostgresStore>>,
     /// The sink the shards push to: the configured output behind the global whitelist.
     pub sink: Arc<CountedSink>,
     /// The in-memory output, when it is the configured one.
@@ -157,7 +159,7 @@ impl Service {
             "gateway found"
         );
 
-        let (store, memory_store) = connect_store(&config).await?;
+        let (store, memory_store, postgres) = connect_store(&config).await?;
         // Sweep cursors live in etcd with the etcd backend, and in memory otherwise.
         let cursor_memory = Arc::new(MemoryStore::new());
         let (sink, memory_sink, redis) = connect_sink(&config).await?;
@@ -194,6 +196,7 @@ impl Service {
             simulator,
             store,
             memory_store,
+            postgres,
             sink,
             memory_sink,
             redis,
@@ -260,6 +263,13 @@ impl Service {
             .call(SupervisorMsg::Shutdown, Some(Duration::from_secs(30)))
             .await;
         let _ = self.supervisor_task.await;
+        // The shards saved their sessions through the writer's queue. Whatever else is queued
+        // is committed before the process goes.
+        if let Some(postgres) = self.postgres {
+            if let Err(error) = postgres.flush().await {
+                tracing::warn!(%error, "PostgreSQL writes left uncommitted at shutdown; the next process resumes and replays them");
+            }
+        }
         if let Some(redis) = self.redis {
             if let Err(error) = redis.close().await {
                 tracing::warn!(%error, "events left undelivered at shutdown; the next process resumes and replays them");
@@ -422,13 +432,18 @@ async fn fetch_gateway_bot(api: &str, token: &Token) -> Result<GatewayBot, RunEr
         .map_err(|e| error(format!("invalid response: {e}")))
 }
 
+/// The configured guild-state cache, as the shards use it and as the concrete store.
+type Stores = (
+    Arc<dyn StateStore>,
+    Option<Arc<MemoryStore>>,
+    Option<Arc<PostgresStore>>,
+);
+
 /// Connects the configured guild-state cache.
-async fn connect_store(
-    config: &Config,
-) -> Result<(Arc<dyn StateStore>, Option<Arc<MemoryStore>>), RunError> {
+async fn connect_store(config: &Config) -> Result<Stores, RunError> {
     let Some(postgres) = &config.store.postgres else {
         let memory = Arc::new(MemoryStore::new());
-        return Ok((memory.clone(), Some(memory)));
+        return Ok((memory.clone(), Some(memory), None));
     };
     let mut options = PostgresOptions::new(postgres.url.clone());
     options.batch_rows = postgres.batch_rows;
@@ -441,7 +456,8 @@ async fn connect_store(
             source,
         })?;
     tracing::info!("state store: PostgreSQL");
-    Ok((Arc::new(store), None))
+    let store = Arc::new(store);
+    Ok((store.clone(), None, Some(store)))
 }
 
 /// Connects the configured event output and wraps it with the global whitelist and the count.
@@ -586,6 +602,7 @@ fn supervisor_args(
             max: gw.reconnect_backoff_max,
         },
         invalid_session_wait: gw.invalid_session_wait,
+        member_request_window: gw.member_request_window,
         save_every: gw.save_every,
         store,
         sink,

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use actors::gateway::Token;
+use actors::gateway::{Snowflake, Token};
 use actors::names;
 use actors::shard::{ShardMsg, ShardStatus};
 use postgres_server::TestDatabase;
@@ -24,8 +24,9 @@ use ractor::ActorRef;
 use serde_json::Value;
 use shardvisor::config::{Config, Overrides};
 use shardvisor::run::Service;
+use shardvisor::sim::report::MemberRequestRecord;
 use shardvisor::sim::world::WorldConfig;
-use shardvisor::sim::{Report, SimConfig, Simulator};
+use shardvisor::sim::{Fault, Report, SimConfig, Simulator, Target};
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -118,6 +119,7 @@ token_file = "{token_file}"
 api = "{api}"
 reconnect_backoff_base = "50ms"
 reconnect_backoff_max = "500ms"
+member_request_window = "{window}ms"
 
 [stabilize]
 hold = "100ms"
@@ -135,6 +137,7 @@ postgres_url = "{url}"
 "#,
         api = sim.api_url(),
         url = db.url(),
+        window = sim.config().member_request_window.as_millis(),
     )
 }
 
@@ -212,16 +215,14 @@ fn ids(rows: &BTreeMap<u64, Value>) -> Vec<u64> {
     rows.keys().copied().collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cache_matches_simulator_guilds() {
-    let db = TestDatabase::create().await;
-    let token = in_process_token();
-    let sim = start_sim(sim_config(&token, 11, 40, 600, 0.0)).await;
-    let dir = tempfile::tempdir().expect("failed to create a temporary directory");
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, &token).expect("failed to write the token file");
-    let name = "pg-cache";
-    let text = service_toml(&sim, &db, &token_file.display().to_string());
+/// Starts the service in this process on [`service_toml`] and waits until every shard is steady.
+async fn start_steady(
+    name: &str,
+    sim: &Simulator,
+    db: &TestDatabase,
+    token_file: &Path,
+) -> Service {
+    let text = service_toml(sim, db, &token_file.display().to_string());
     let overrides = Overrides {
         name: Some(name.to_owned()),
         ..Overrides::default()
@@ -240,6 +241,52 @@ async fn cache_matches_simulator_guilds() {
         summary.ready, SHARDS,
         "not every shard became steady: {summary:?}"
     );
+    service
+}
+
+/// Waits until no member request is outstanding and the store counts `member_total` members.
+async fn wait_for_members(name: &str, service: &Service, member_total: u64) {
+    let answered = poll_until(MEMBERS_LIMIT, || async move {
+        let mut outstanding = 0;
+        for shard in 0..SHARDS {
+            outstanding += shard_status(name, shard).await.outstanding_member_requests;
+        }
+        outstanding == 0
+    })
+    .await;
+    assert!(
+        answered,
+        "member requests were still outstanding after {MEMBERS_LIMIT:?}"
+    );
+    // The store's member counts follow the committed flushes, so once they add up to
+    // `member_total` every member row is committed.
+    let store = &service.store;
+    let committed = poll_until(MEMBERS_LIMIT, || async move {
+        let totals = store.totals().await.unwrap_or_default();
+        totals.members == member_total
+    })
+    .await;
+    let totals = store
+        .totals()
+        .await
+        .expect("the store failed to return its totals");
+    assert!(
+        committed,
+        "the store counts {} members after {MEMBERS_LIMIT:?}, expected {member_total}",
+        totals.members
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_matches_simulator_guilds() {
+    let db = TestDatabase::create().await;
+    let token = in_process_token();
+    let sim = start_sim(sim_config(&token, 11, 40, 600, 0.0)).await;
+    let dir = tempfile::tempdir().expect("failed to create a temporary directory");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &token).expect("failed to write the token file");
+    let name = "pg-cache";
+    let service = start_steady(name, &sim, &db, &token_file).await;
 
     // The simulator's world as the shards saw it: traffic is off, so nothing changes it.
     let mut guilds: BTreeMap<u64, (Value, Vec<Value>)> = BTreeMap::new();
@@ -270,36 +317,12 @@ async fn cache_matches_simulator_guilds() {
     );
 
     // Every guild is cold, so its shard requested its members when its GUILD_CREATE arrived.
-    let answered = poll_until(MEMBERS_LIMIT, || async move {
-        let mut outstanding = 0;
-        for shard in 0..SHARDS {
-            outstanding += shard_status(name, shard).await.outstanding_member_requests;
-        }
-        outstanding == 0
-    })
-    .await;
-    assert!(
-        answered,
-        "member requests were still outstanding after {MEMBERS_LIMIT:?}"
-    );
-    // The store's member counts follow the committed flushes, so once they add up to the
-    // simulator's total every member row is committed.
-    let store = &service.store;
-    let committed = poll_until(MEMBERS_LIMIT, || async move {
-        let totals = store.totals().await.unwrap_or_default();
-        totals.members == member_total
-    })
-    .await;
+    wait_for_members(name, &service, member_total).await;
     let totals = service
         .store
         .totals()
         .await
         .expect("the store failed to return its totals");
-    assert!(
-        committed,
-        "the store counts {} members after {MEMBERS_LIMIT:?}, the simulator's guilds have {member_total}",
-        totals.members
-    );
     assert_eq!(
         totals.guilds,
         guilds.len() as u64,
@@ -845,5 +868,137 @@ async fn killed_process_resumes_sessions() {
         second.stderr_tail()
     );
 
+    sim.shutdown().await;
+}
+
+/// Members removed from the cache behind the gateway's back: one in ten of the first guild
+/// (over the default 1 % ratio) and one member of the second (under it).
+const DIVERGED_SHARE: usize = 10;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diverged_count_requests_members() {
+    let db = TestDatabase::create().await;
+    let token = in_process_token();
+    let mut sim_settings = sim_config(&token, 23, 40, 2000, 0.0);
+    // The second all-members request of a guild must not wait for Discord's 30 s window.
+    sim_settings.member_request_window = Duration::from_millis(200);
+    let sim = start_sim(sim_settings).await;
+    let dir = tempfile::tempdir().expect("failed to create a temporary directory");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &token).expect("failed to write the token file");
+    let name = "pg-divergence";
+    // The configuration leaves backfill.divergence_ratio at its default.
+    let service = start_steady(name, &sim, &db, &token_file).await;
+
+    let mut sizes: Vec<(usize, Snowflake, u32)> = Vec::new();
+    for shard in 0..SHARDS {
+        for id in sim.guild_ids(shard) {
+            sizes.push((sim.members(id).len(), id, shard));
+        }
+    }
+    let member_total: u64 = sizes.iter().map(|(size, ..)| *size as u64).sum();
+    wait_for_members(name, &service, member_total).await;
+
+    // The two largest guilds: a share of the first one's members leaves the cache, and one
+    // member of the second.
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    let [(diverged_size, diverged, diverged_shard), (close_size, close, close_shard), ..] =
+        sizes[..]
+    else {
+        panic!("the simulator has fewer than two guilds");
+    };
+    assert!(
+        close_size >= 200,
+        "the second largest guild has {close_size} members, too few for one to stay under 1 %"
+    );
+    let removals = [
+        (diverged, diverged_shard, diverged_size / DIVERGED_SHARE),
+        (close, close_shard, 1),
+    ];
+    let mut removed = 0;
+    for (guild, shard, count) in removals {
+        let members = sim.members(guild);
+        for member in members.iter().skip(1).take(count) {
+            let remove = serde_json::json!({
+                "guild_id": guild.to_string(),
+                "user": member["user"],
+            });
+            let data = serde_json::value::to_raw_value(&remove).unwrap();
+            service
+                .store
+                .apply(shard, "GUILD_MEMBER_REMOVE", &data)
+                .await
+                .unwrap_or_else(|error| panic!("failed to remove a member of {guild}: {error}"));
+            removed += 1;
+        }
+    }
+    let store = &service.store;
+    let expected = member_total - removed;
+    let committed = poll_until(MEMBERS_LIMIT, || async move {
+        store.totals().await.unwrap_or_default().members == expected
+    })
+    .await;
+    assert!(
+        committed,
+        "the removals were not committed within {MEMBERS_LIMIT:?}"
+    );
+
+    let before = sim.report().member_requests;
+    let requests = |report: &BTreeMap<u64, MemberRequestRecord>, guild: Snowflake| {
+        report
+            .get(&guild.get())
+            .map_or(0, |record| record.all_members_requests)
+    };
+    // New sessions: every guild arrives again in a GUILD_CREATE and is compared with the cache.
+    sim.inject(Target::All, Fault::InvalidSession { resumable: false });
+    let sessions_before = sim.report().sessions.len();
+    let renewed = poll_until(STEADY_LIMIT, || {
+        let sim = &sim;
+        async move { sim.report().sessions.len() >= sessions_before + SHARDS as usize }
+    })
+    .await;
+    assert!(
+        renewed,
+        "the shards did not identify again within {STEADY_LIMIT:?}"
+    );
+    let summary = timeout(STEADY_LIMIT, service.wait_until_stable())
+        .await
+        .unwrap_or_else(|_| panic!("the shards were not steady again within {STEADY_LIMIT:?}"));
+    assert_eq!(
+        summary.ready, SHARDS,
+        "not every shard became steady again: {summary:?}"
+    );
+    wait_for_members(
+        name,
+        &service,
+        member_total - removed + (diverged_size / DIVERGED_SHARE) as u64,
+    )
+    .await;
+
+    let after = sim.report().member_requests;
+    assert_eq!(
+        requests(&after, diverged) - requests(&before, diverged),
+        1,
+        "guild {diverged} lost {} of {diverged_size} cached members and was not requested again",
+        diverged_size / DIVERGED_SHARE
+    );
+    assert_eq!(
+        requests(&after, close) - requests(&before, close),
+        0,
+        "guild {close} lost 1 of {close_size} cached members, under the ratio, and was requested"
+    );
+    for (_, guild, _) in &sizes[2..] {
+        assert_eq!(
+            requests(&after, *guild) - requests(&before, *guild),
+            0,
+            "guild {guild} matches Discord's count and was requested again"
+        );
+    }
+    let violations = sim.report().violations;
+    assert!(
+        violations.is_empty(),
+        "the simulator saw broken rules: {violations:?}"
+    );
+    service.shutdown().await;
     sim.shutdown().await;
 }

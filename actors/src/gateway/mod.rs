@@ -45,10 +45,6 @@ pub const SEND_LIMIT_WINDOW: std::time::Duration = std::time::Duration::from_sec
 /// Window within which Discord accepts one IDENTIFY per rate-limit bucket.
 pub const IDENTIFY_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Window within which Discord answers a second all-members REQUEST_GUILD_MEMBERS for the same
-/// guild with RATE_LIMITED.
-pub const MEMBER_REQUEST_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// Returns the shard that receives the events of a guild: `(guild_id >> 22) % shard_count`.
 ///
 /// # Panics

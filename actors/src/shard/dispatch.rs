@@ -151,18 +151,8 @@ impl ShardState {
         }
     }
 
-    /// A cold guild always needs its members; a cached one only when its count diverges from
-    /// Discord's by more than the configured ratio.
     fn needs_backfill(&self, discord: Option<u64>, cached: Option<u64>) -> bool {
-        let cached = cached.unwrap_or(0);
-        if cached == 0 {
-            return true;
-        }
-        let Some(discord) = discord.filter(|count| *count > 0) else {
-            return false;
-        };
-        let ratio = self.args.divergence_ratio;
-        ratio > 0.0 && (discord.abs_diff(cached) as f64 / discord as f64) > ratio
+        needs_member_backfill(discord, cached, self.args.divergence_ratio)
     }
 
     fn on_guild_delete(&mut self, data: &RawValue) {
@@ -276,5 +266,50 @@ impl ShardState {
             .min(Duration::from_secs(5));
         tokio::time::sleep(delay).await;
         true
+    }
+}
+
+/// Returns whether a guild's members are requested at GUILD_CREATE. A cold guild (no member
+/// cached) always needs them. A cached one needs them when `|discord - cached| / discord`
+/// exceeds `ratio`. A ratio of 0 turns the comparison off.
+pub fn needs_member_backfill(discord: Option<u64>, cached: Option<u64>, ratio: f64) -> bool {
+    let cached = cached.unwrap_or(0);
+    if cached == 0 {
+        return true;
+    }
+    let Some(discord) = discord.filter(|count| *count > 0) else {
+        return false;
+    };
+    ratio > 0.0 && (discord.abs_diff(cached) as f64 / discord as f64) > ratio
+}
+
+#[cfg(test)]
+mod tests {
+    use super::needs_member_backfill;
+
+    #[test]
+    fn cold_guild_always_requested() {
+        assert!(needs_member_backfill(Some(500), None, 0.0));
+        assert!(needs_member_backfill(Some(500), Some(0), 0.5));
+        assert!(needs_member_backfill(None, None, 0.01));
+    }
+
+    #[test]
+    fn cached_guild_requested_past_ratio() {
+        assert!(!needs_member_backfill(Some(1000), Some(990), 0.01));
+        assert!(needs_member_backfill(Some(1000), Some(989), 0.01));
+        assert!(needs_member_backfill(Some(1000), Some(1011), 0.01));
+        assert!(!needs_member_backfill(Some(1000), Some(1000), 0.001));
+    }
+
+    #[test]
+    fn zero_ratio_compares_nothing() {
+        assert!(!needs_member_backfill(Some(1000), Some(10), 0.0));
+    }
+
+    #[test]
+    fn missing_discord_count_skips_comparison() {
+        assert!(!needs_member_backfill(None, Some(10), 0.01));
+        assert!(!needs_member_backfill(Some(0), Some(10), 0.01));
     }
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::watch;
 
+pub use dispatch::needs_member_backfill;
 pub use stage::ShardStage;
 
 use crate::backoff::Backoff;
@@ -101,6 +102,9 @@ pub struct ShardArgs {
     pub reconnect_backoff: Backoff,
     /// After op 9, Discord asks clients to wait 1 to 5 seconds; the wait is random up to this.
     pub invalid_session_wait: Duration,
+    /// Discord's window for all-members requests of one guild (30 s); a second request inside
+    /// it is deferred until the window has passed.
+    pub member_request_window: Duration,
     /// Save the session every this many dispatches (and on every stage change).
     pub save_every: u64,
     pub store: Arc<dyn StateStore>,
@@ -169,6 +173,11 @@ pub(crate) enum Event {
     },
     RetryMembers {
         guild_id: u64,
+    },
+    /// The member request window of a guild whose request was deferred has passed.
+    DeferredMembers {
+        guild_id: u64,
+        reason: MemberRequestReason,
     },
 }
 

@@ -66,6 +66,8 @@ pub struct ShardState {
     /// When each guild's members were last requested; a new request inside Discord's window
     /// would only be answered with RATE_LIMITED.
     last_requested: HashMap<u64, Instant>,
+    /// Member requests waiting for the window of their guild to pass, with their timers.
+    deferred: HashMap<u64, JoinHandle<()>>,
     /// Dispatches since the session was last saved.
     pub(crate) unsaved: u64,
     /// Dispatches skipped by sequence gaps, over this incarnation's life.
@@ -113,6 +115,7 @@ impl ShardState {
             outstanding: BTreeMap::new(),
             nonce_counter: 0,
             last_requested: HashMap::new(),
+            deferred: HashMap::new(),
             unsaved: 0,
             missed_events: 0,
             parked: false,
@@ -174,6 +177,10 @@ impl ShardState {
                 }
             }
             Event::RetryMembers { guild_id } => self.send_member_request(guild_id),
+            Event::DeferredMembers { guild_id, reason } => {
+                self.deferred.remove(&guild_id);
+                self.request_members(guild_id, reason);
+            }
         }
     }
 
@@ -625,18 +632,28 @@ impl ShardState {
             return;
         }
         let now = Instant::now();
-        let window = crate::gateway::MEMBER_REQUEST_WINDOW;
-        if self
+        let window = self.args.member_request_window;
+        let since = self
             .last_requested
             .get(&guild_id)
-            .is_some_and(|at| now.duration_since(*at) < window)
-        {
-            tracing::debug!(
-                shard = self.args.shard,
-                guild_id,
-                ?reason,
-                "members requested within the last 30 s; skipped"
-            );
+            .map(|at| now.duration_since(*at));
+        if let Some(since) = since.filter(|since| *since < window) {
+            if !self.deferred.contains_key(&guild_id) {
+                let wait = window - since;
+                tracing::debug!(
+                    shard = self.args.shard,
+                    guild_id,
+                    ?reason,
+                    wait_ms = wait.as_millis() as u64,
+                    "members requested within the window; request deferred"
+                );
+                let actor = self.myself.clone();
+                let timer = tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    let _ = actor.cast(ShardMsg::from(Event::DeferredMembers { guild_id, reason }));
+                });
+                self.deferred.insert(guild_id, timer);
+            }
             return;
         }
         self.last_requested.insert(guild_id, now);
@@ -723,6 +740,9 @@ impl ShardState {
     }
 
     fn stop_tasks(&mut self) {
+        for (_, timer) in self.deferred.drain() {
+            timer.abort();
+        }
         for task in [
             self.dial.take(),
             self.reconnect_timer.take(),
