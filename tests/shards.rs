@@ -1,12 +1,13 @@
 //! The actor tree against the simulator: a mass connect within the identify limits, resume after
 //! a dropped connection, a new session after op 9, a fatal close, zombie detection, and a restart
-//! while the bucket's pacing timer is pending.
+//! while the bucket's pacing timer is pending, and a member request deferred past the member
+//! request window.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use actors::names;
-use actors::shard::{ShardMsg, ShardStage, ShardStatus};
+use actors::shard::{MemberRequestReason, ShardMsg, ShardStage, ShardStatus};
 use actors::supervisor::SupervisorMsg;
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
@@ -14,6 +15,9 @@ use shardvisor::config::{Config, Overrides};
 use shardvisor::run::Service;
 use shardvisor::sim::report::ConnectionEnd;
 use shardvisor::sim::{Fault, Report, Target, ViolationKind};
+
+/// Discord's all-members request window, scaled down for the simulator and the shards alike.
+const MEMBER_WINDOW_MS: u64 = 1500;
 
 /// Settings scaled down from Discord's: a 300 ms identify window, short holds, small guilds.
 fn config(name: &str, shards: u32, buckets: u32, extra: &str) -> Config {
@@ -32,6 +36,7 @@ fn config(name: &str, shards: u32, buckets: u32, extra: &str) -> Config {
         invalid_session_wait = "200ms"
         reconnect_backoff_base = "50ms"
         reconnect_backoff_max = "500ms"
+        member_request_window = "{MEMBER_WINDOW_MS}ms"
         [sweep]
         enabled = false
         [simulator]
@@ -40,6 +45,7 @@ fn config(name: &str, shards: u32, buckets: u32, extra: &str) -> Config {
         largest_guild = 400
         identify_window = "300ms"
         dispatch_rate = 20.0
+        member_request_window = "{MEMBER_WINDOW_MS}ms"
         {extra}
         "#,
         guilds = shards * 6,
@@ -433,6 +439,59 @@ async fn shard_given_up_after_restart_limit() {
     assert!(
         status(&service, 1).await.stage.is_steady(),
         "shard 1 affected"
+    );
+    service.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_request_inside_window_deferred() {
+    let service = start(config("deferred-members", 1, 1, "")).await;
+    let simulator = service.simulator.as_ref().expect("embedded simulator");
+    let guild = simulator.guild_ids(0)[0].get();
+    // Every guild was cold, so READY's GUILD_CREATEs requested all of them.
+    eventually(
+        Duration::from_secs(10),
+        "the cold guild's members arrived",
+        || async { status(&service, 0).await.outstanding_member_requests == 0 },
+    )
+    .await;
+    let requests = |report: &Report| {
+        report
+            .member_requests
+            .get(&guild)
+            .map_or(0, |record| record.all_members_requests)
+    };
+    assert_eq!(
+        requests(&report(&service)),
+        1,
+        "the cold guild was requested once"
+    );
+
+    // Two more requests inside the window: one is deferred until the window has passed, the
+    // other joins it.
+    let actor: ActorRef<ShardMsg> =
+        names::lookup(&names::shard(&service.config.process.name, 0)).expect("shard registered");
+    for _ in 0..2 {
+        actor
+            .cast(ShardMsg::RequestMembers {
+                guild_id: guild,
+                reason: MemberRequestReason::Admin,
+            })
+            .expect("the shard takes messages");
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the deferred request reached the gateway",
+        || async { requests(&report(&service)) == 2 },
+    )
+    .await;
+    // One more window: nothing else was sent, and nothing was refused.
+    tokio::time::sleep(Duration::from_millis(MEMBER_WINDOW_MS * 2)).await;
+    let report = report(&service);
+    assert_eq!(requests(&report), 2, "the two requests were not merged");
+    assert_eq!(
+        report.member_requests[&guild].rate_limited, 0,
+        "a request inside the window reached the gateway"
     );
     service.shutdown().await;
 }

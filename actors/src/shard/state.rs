@@ -639,7 +639,7 @@ impl ShardState {
             .map(|at| now.duration_since(*at));
         if let Some(since) = since.filter(|since| *since < window) {
             if !self.deferred.contains_key(&guild_id) {
-                let wait = window - since;
+                let wait = window - since + DEFER_MARGIN;
                 tracing::debug!(
                     shard = self.args.shard,
                     guild_id,
@@ -758,6 +758,11 @@ impl ShardState {
         }
     }
 }
+
+/// Added to a deferred member request's wait. The gateway times its window from the arrival of
+/// the last request, which comes after the shard queued it by the send limiter's wait and the
+/// transit.
+const DEFER_MARGIN: Duration = Duration::from_millis(500);
 
 /// How long a shard waits before looking a singleton up again after it was not running or
 /// stopped before answering (the Supervisor is restarting it).
