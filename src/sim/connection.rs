@@ -1,5 +1,9 @@
 //! One gateway connection as Discord runs it: HELLO, heartbeats, IDENTIFY or RESUME, member
 //! requests, the per-connection send limit, and the close codes of every broken rule.
+//!
+//! The read loop here owns the protocol state. It hands every frame and close to the
+//! connection's [`Writer`], so reading and the heartbeat deadline go on while a write to a client
+//! that stopped reading is blocked.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
@@ -10,7 +14,9 @@ use actors::gateway::{
     ClientPayload, CloseCode, DecodeError, Deflater, Hello, Identify, Intents, RateLimited,
     RateLimitedMeta, RequestGuildMembers, Resume, ServerPayload, MAX_CLIENT_PAYLOAD_BYTES,
 };
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::stream::SplitStream;
+use futures_util::StreamExt;
 use serde_json::value::{to_raw_value, RawValue};
 use tokio::sync::mpsc;
 
@@ -19,6 +25,7 @@ use super::report::{
     ConnectionEnd, ConnectionRecord, MemberRequestRecord, SessionRecord, ViolationKind,
 };
 use super::session::{Outgoing, OutgoingSender, ResumeError, Session};
+use super::writer::Writer;
 use super::{lock, ConnectionHandle, Shared};
 
 /// Lowest and highest `large_threshold` Discord accepts in IDENTIFY; 50 when absent.
@@ -103,18 +110,20 @@ pub(crate) async fn run(socket: WebSocket, shared: Arc<Shared>, params: ConnectP
         },
     );
 
+    let span = tracing::debug_span!("sim_connection", connection = id);
+    let (sink, stream) = socket.split();
+    let writer = span.in_scope(|| Writer::spawn(sink, params.compress.then(Deflater::new)));
     let mut connection = Connection {
         id,
         heartbeat_deadline: Instant::now() + shared.config.heartbeat_timeout,
         shared,
-        socket,
-        deflater: params.compress.then(Deflater::new),
+        stream,
+        writer,
         receiver,
         sender,
         session: None,
         sends: VecDeque::new(),
     };
-    let span = tracing::debug_span!("sim_connection", connection = id);
     let end = tracing::Instrument::instrument(connection.serve(params.rejection), span).await;
     connection.finish(end);
 }
@@ -122,9 +131,12 @@ pub(crate) async fn run(socket: WebSocket, shared: Arc<Shared>, params: ConnectP
 struct Connection {
     id: u64,
     shared: Arc<Shared>,
-    socket: WebSocket,
-    /// The `zlib-stream` context, if the client asked for it.
-    deflater: Option<Deflater>,
+    /// The read half of the WebSocket. The write half belongs to `writer`.
+    stream: SplitStream<WebSocket>,
+    writer: Writer,
+    /// Frames and closes from the session and from faults. The read loop forwards frames to
+    /// `writer` at once and handles closes and drops itself, so a drop ends the connection even
+    /// while a write is blocked.
     receiver: mpsc::UnboundedReceiver<Outgoing>,
     sender: OutgoingSender,
     /// Set by an accepted IDENTIFY or RESUME.
@@ -151,15 +163,13 @@ impl Connection {
             heartbeat_interval: u64::try_from(self.shared.config.heartbeat_interval.as_millis())
                 .unwrap_or(u64::MAX),
         });
-        if self.send_frame(&hello.encode()).await.is_err() {
-            return ConnectionEnd::Transport;
-        }
+        self.send_frame(&hello.encode());
 
         loop {
             let deadline = tokio::time::Instant::from_std(self.heartbeat_deadline);
             tokio::select! {
                 () = self.shared.shutdown.cancelled() => return ConnectionEnd::Dropped,
-                incoming = self.socket.recv() => {
+                incoming = self.stream.next() => {
                     let flow = match incoming {
                         None | Some(Err(_)) => ControlFlow::Break(ConnectionEnd::Transport),
                         Some(Ok(Message::Text(text))) => self.receive(text.as_bytes()).await,
@@ -177,11 +187,7 @@ impl Connection {
                     // The connection holds a sender itself, so the queue never closes here.
                     let Some(outgoing) = outgoing else { return ConnectionEnd::Dropped };
                     match outgoing {
-                        Outgoing::Frame(frame) => {
-                            if self.send_frame(&frame).await.is_err() {
-                                return ConnectionEnd::Transport;
-                            }
-                        }
+                        Outgoing::Frame(frame) => self.writer.frame(frame),
                         Outgoing::Close { code, reason } => {
                             self.invalidate_after_close(code);
                             return self.close(code, reason).await;
@@ -189,6 +195,8 @@ impl Connection {
                         Outgoing::Drop => return ConnectionEnd::Dropped,
                     }
                 }
+                // The writer ends on its own only when a write failed.
+                () = self.writer.ended() => return ConnectionEnd::Transport,
                 () = tokio::time::sleep_until(deadline) => {
                     self.violation(ViolationKind::HeartbeatTimeout, "no heartbeat within the timeout".to_owned());
                     if let Some(session) = &self.session {
@@ -259,13 +267,8 @@ impl Connection {
                 let silent = self
                     .shard()
                     .is_some_and(|shard| lock(&self.shared.faults).is_silent(shard));
-                if !silent
-                    && self
-                        .send_frame(&ServerPayload::HeartbeatAck.encode())
-                        .await
-                        .is_err()
-                {
-                    return ControlFlow::Break(ConnectionEnd::Transport);
+                if !silent {
+                    self.send_frame(&ServerPayload::HeartbeatAck.encode());
                 }
                 ControlFlow::Continue(())
             }
@@ -374,11 +377,8 @@ impl Connection {
             IdentifyDecision::TooFast { bucket, wait } => {
                 let detail = format!("bucket {bucket} window open for another {wait:?}");
                 self.violation(ViolationKind::IdentifyTooFast, detail);
-                let invalid = ServerPayload::InvalidSession { resumable: false }.encode();
-                match self.send_frame(&invalid).await {
-                    Ok(()) => ControlFlow::Continue(()),
-                    Err(()) => ControlFlow::Break(ConnectionEnd::Transport),
-                }
+                self.send_frame(&ServerPayload::InvalidSession { resumable: false }.encode());
+                ControlFlow::Continue(())
             }
             IdentifyDecision::LimitExhausted => {
                 self.violation(
@@ -446,7 +446,7 @@ impl Connection {
 
         let Some(session) = self.shared.session(&resume.session_id) else {
             tracing::debug!(session = %resume.session_id, "resume of an unknown session");
-            return self.invalid_session().await;
+            return self.invalid_session();
         };
         match session.resume(resume.seq, self.id, self.sender.clone()) {
             Ok((displaced, replayed)) => {
@@ -476,7 +476,7 @@ impl Connection {
             }
             Err(error) => {
                 tracing::debug!(session = %session.id, ?error, "resume refused");
-                self.invalid_session().await
+                self.invalid_session()
             }
         }
     }
@@ -653,29 +653,33 @@ impl Connection {
         ConnectionEnd::Client { code }
     }
 
-    async fn invalid_session(&mut self) -> ControlFlow<ConnectionEnd> {
-        let invalid = ServerPayload::InvalidSession { resumable: false }.encode();
-        match self.send_frame(&invalid).await {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(()) => ControlFlow::Break(ConnectionEnd::Transport),
-        }
+    fn invalid_session(&self) -> ControlFlow<ConnectionEnd> {
+        self.send_frame(&ServerPayload::InvalidSession { resumable: false }.encode());
+        ControlFlow::Continue(())
     }
 
-    async fn send_frame(&mut self, frame: &str) -> Result<(), ()> {
-        let message = match &mut self.deflater {
-            Some(deflater) => Message::Binary(deflater.compress(frame.as_bytes()).into()),
-            None => Message::Text(frame.to_owned().into()),
-        };
-        self.socket.send(message).await.map_err(|_| ())
+    /// Queues a frame after every frame queued before it. A failed write shows up as the end of
+    /// the writer in the read loop.
+    fn send_frame(&self, frame: &str) {
+        self.writer.frame(frame.into());
     }
 
+    /// Queues the close frame after every frame queued before it and waits until the writer has
+    /// written it. The end is the close, whether or not the frame reached the client.
     async fn close(&mut self, code: u16, reason: String) -> ConnectionEnd {
         tracing::debug!(code, %reason, "closing connection");
-        let frame = CloseFrame {
-            code,
-            reason: reason.clone().into(),
-        };
-        let _ = self.socket.send(Message::Close(Some(frame))).await;
+        self.writer.close(code, reason.clone());
+
+        // A client that stopped reading may never take the queued frames, so the wait for the
+        // close frame is bounded. One heartbeat timeout is the simulator's choice: Discord does
+        // not document how long it waits.
+        let limit = tokio::time::sleep(self.shared.config.heartbeat_timeout);
+        tokio::select! {
+            () = self.writer.ended() => {}
+            () = self.shared.shutdown.cancelled() => {}
+            () = next_drop(&mut self.receiver) => {}
+            () = limit => tracing::debug!("close frame not written within the heartbeat timeout"),
+        }
         ConnectionEnd::Server { code, reason }
     }
 
@@ -684,7 +688,8 @@ impl Connection {
         ControlFlow::Break(self.close(code.0, reason.to_owned()).await)
     }
 
-    /// Records the end, detaches the session and forgets the connection.
+    /// Records the end, detaches the session and forgets the connection. Dropping `self` stops
+    /// the writer and closes the socket.
     fn finish(self, end: ConnectionEnd) {
         let closed_at_ms = self.shared.recorder.now_ms();
         self.shared.recorder.with_connection(self.id, |record| {
@@ -695,5 +700,16 @@ impl Connection {
             session.detach(self.id);
         }
         lock(&self.shared.connections).remove(&self.id);
+    }
+}
+
+/// Waits for [`Outgoing::Drop`] on a closing connection. Frames and closes queued after the
+/// connection's own close are not sent. A resumable session still keeps the frames in its replay
+/// buffer.
+async fn next_drop(receiver: &mut mpsc::UnboundedReceiver<Outgoing>) {
+    while let Some(outgoing) = receiver.recv().await {
+        if matches!(outgoing, Outgoing::Drop) {
+            return;
+        }
     }
 }

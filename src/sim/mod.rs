@@ -9,6 +9,7 @@
 //! - [`world`]: the generated guilds and the steady traffic.
 //! - [`session`]: sequence numbers and the replay buffer.
 //! - `server` and `connection`: the HTTP API and the gateway protocol of one connection.
+//! - `writer`: the task that writes a connection's frames in order, apart from its read loop.
 //! - `stream`: READY, GUILD_CREATEs, steady traffic and member chunks of a session.
 //! - [`fault`] and [`report`]: what tests inject and what they read back.
 
@@ -21,6 +22,7 @@ mod server;
 mod session;
 mod stream;
 pub mod world;
+mod writer;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
