@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use shardvisor::config::{Config, Overrides};
 use shardvisor::run::{Service, Summary};
+use shardvisor::sim::Report;
 
 #[path = "../tests/support/etcd.rs"]
 mod etcd;
@@ -66,7 +67,9 @@ async fn run(backend: &str, config: Config) -> Summary {
     let service = Service::start(config).await.expect("service starts");
     let summary = service.wait_until_stable().await;
     if let Some(simulator) = &service.simulator {
-        for violation in simulator.report().violations {
+        let report = simulator.report();
+        print_handover(backend, &report);
+        for violation in report.violations {
             eprintln!(
                 "{backend}: violation {:?} shard {:?} at {} ms: {}",
                 violation.kind, violation.shard, violation.at_ms, violation.detail
@@ -76,6 +79,42 @@ async fn run(backend: &str, config: Config) -> Summary {
     service.shutdown().await;
     eprintln!("{backend}: {}", summary.line());
     summary
+}
+
+/// Prints to standard error how far the gaps between consecutive accepted IDENTIFYs of a bucket
+/// went beyond the window. Pacing makes that at least the grace. The rest is the hand-over (the
+/// release, the next grant and `begin_identify`) and jitter in when the simulator read the frames.
+fn print_handover(backend: &str, report: &Report) {
+    let window_ms = WINDOW.as_millis() as u64;
+    let mut overhead_ms: Vec<u64> = Vec::new();
+    for records in report.identifies.values() {
+        let mut accepted: Vec<u64> = records
+            .iter()
+            .filter(|record| record.accepted)
+            .map(|record| record.at_ms)
+            .collect();
+        accepted.sort_unstable();
+        overhead_ms.extend(
+            accepted
+                .windows(2)
+                .map(|pair| (pair[1] - pair[0]).saturating_sub(window_ms)),
+        );
+    }
+    overhead_ms.sort_unstable();
+    if overhead_ms.is_empty() {
+        return;
+    }
+    let quantile_ms =
+        |quantile: f64| overhead_ms[((overhead_ms.len() - 1) as f64 * quantile) as usize];
+    let mean = overhead_ms.iter().sum::<u64>() as f64 / overhead_ms.len() as f64;
+    eprintln!(
+        "{backend}: gap beyond the window in ms over {} hand-overs: mean={mean:.1} p50={} p90={} p99={} max={}",
+        overhead_ms.len(),
+        quantile_ms(0.5),
+        quantile_ms(0.9),
+        quantile_ms(0.99),
+        quantile_ms(1.0)
+    );
 }
 
 fn result_line(backend: &str, summary: &Summary) -> String {

@@ -211,6 +211,78 @@ async fn waiters_served_in_queue_order() {
 }
 
 #[tokio::test]
+async fn withdrawn_waiter_ahead_keeps_order() {
+    let server = EtcdServer::start().await;
+    let holder = backend(&server, budget(100, 0)).await;
+    let withdrawn = backend(&server, budget(100, 0)).await;
+    let last = backend(&server, budget(100, 0)).await;
+    let mut admin = admin(&server).await;
+    let prefix = holder.bucket_prefix(0);
+
+    let held = holder.acquire(0, LONG_HOLD).await.expect("holder acquire");
+    let withdrawing = {
+        let withdrawn = withdrawn.clone();
+        tokio::spawn(async move { withdrawn.acquire(0, LONG_HOLD).await })
+    };
+    wait_for_queue(&mut admin, &prefix, 2).await;
+    let mut waiting = {
+        let last = last.clone();
+        tokio::spawn(async move { last.acquire(0, LONG_HOLD).await })
+    };
+    wait_for_queue(&mut admin, &prefix, 3).await;
+
+    // The key right ahead of the last waiter goes away while the holder still holds.
+    withdrawing.abort();
+    wait_for_queue(&mut admin, &prefix, 2).await;
+    assert!(
+        timeout(BLOCKED, &mut waiting).await.is_err(),
+        "the last waiter acquired bucket 0 while the holder held it"
+    );
+
+    holder.release(held).await.expect("release");
+    let lock = timeout(WAIT, waiting)
+        .await
+        .expect("the last waiter acquires after the release")
+        .expect("acquire task")
+        .expect("acquire");
+    last.begin_identify(lock).await.expect("identify");
+    let stale = holder.begin_identify(held).await;
+    assert!(
+        matches!(stale, Err(IdentifyRefusal::LockLost)),
+        "a released lock still identifies: {stale:?}"
+    );
+}
+
+#[tokio::test]
+async fn release_revokes_lease() {
+    let server = EtcdServer::start().await;
+    let holder = backend(&server, budget(100, 0)).await;
+    let mut admin = admin(&server).await;
+    let prefix = holder.bucket_prefix(0);
+
+    let held = holder.acquire(0, LONG_HOLD).await.expect("acquire");
+    let keys = admin
+        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("queue read");
+    let lease = keys.kvs()[0].lease();
+    assert_ne!(lease, 0, "the lock key has no lease");
+
+    holder.release(held).await.expect("release");
+    assert_eq!(
+        queue_len(&mut admin, &prefix).await,
+        0,
+        "lock key left behind"
+    );
+    let leases = admin.leases().await.expect("lease list");
+    let left: Vec<i64> = leases.leases().iter().map(|status| status.id()).collect();
+    assert!(
+        !left.contains(&lease),
+        "lease {lease:016x} outlived its release: {left:x?}"
+    );
+}
+
+#[tokio::test]
 async fn buckets_lock_independently() {
     let server = EtcdServer::start().await;
     let first = backend(&server, budget(100, 0)).await;
@@ -373,6 +445,58 @@ async fn revoked_lease_is_lock_lost() {
         .expect("the first backend can lock the bucket again")
         .expect("acquire");
     holder.release(again).await.expect("release");
+}
+
+#[tokio::test]
+async fn revoked_waiter_stops_waiting() {
+    let server = EtcdServer::start().await;
+    let holder = backend(&server, budget(100, 0)).await;
+    let waiter = backend(&server, budget(100, 0)).await;
+    let mut admin = admin(&server).await;
+    let prefix = holder.bucket_prefix(0);
+
+    let held = holder.acquire(0, LONG_HOLD).await.expect("holder acquire");
+    let waiting = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.acquire(0, LONG_HOLD).await })
+    };
+    wait_for_queue(&mut admin, &prefix, 2).await;
+    let keys = admin
+        .get(
+            prefix.as_str(),
+            Some(GetOptions::new().with_prefix().with_sort(
+                etcd_client::SortTarget::Create,
+                etcd_client::SortOrder::Ascend,
+            )),
+        )
+        .await
+        .expect("queue read");
+    let waiter_lease = keys.kvs()[1].lease();
+    admin.lease_revoke(waiter_lease).await.expect("revoke");
+
+    // The first keep-alive of the 11 s lease is due after about 3.7 s and would end the wait
+    // with `LeaseExpired`. The watch of the bucket reports the key's delete well before that.
+    let stopped = timeout(WAIT, waiting)
+        .await
+        .expect("the waiter still waits after its key was deleted")
+        .expect("acquire task");
+    let Err(PortError::Unavailable { source, .. }) = stopped else {
+        panic!("a waiter with a revoked lease acquired the bucket: {stopped:?}");
+    };
+    assert!(
+        matches!(
+            source.downcast_ref::<EtcdError>(),
+            Some(EtcdError::QueuedKeyDeleted { bucket: 0, .. })
+        ),
+        "{source}"
+    );
+
+    holder.release(held).await.expect("release");
+    let lock = timeout(WAIT, waiter.acquire(0, LONG_HOLD))
+        .await
+        .expect("the waiter can queue again")
+        .expect("acquire");
+    waiter.begin_identify(lock).await.expect("identify");
 }
 
 #[tokio::test]
@@ -552,6 +676,29 @@ async fn budget_shared_until_reserve() {
         resets_at > now + 50_000 && resets_at <= now + 60_000,
         "stored reset time {resets_at} is not about 60 s after {now}"
     );
+}
+
+#[tokio::test]
+async fn reserve_refusal_reads_budget_again() {
+    let server = EtcdServer::start().await;
+    let backend = backend(&server, budget(3, 2)).await;
+    let mut admin = admin(&server).await;
+    let key = backend.budget_key().to_owned();
+
+    identify_once(&backend, 0).await.expect("first start");
+    assert_eq!(stored_remaining(&mut admin, &key).await, 2);
+    let refusal = identify_once(&backend, 1).await;
+    assert!(
+        matches!(refusal, Err(IdentifyRefusal::BudgetExhausted { .. })),
+        "IDENTIFY allowed at the reserve: {refusal:?}"
+    );
+
+    // An operator deletes the budget key, which sets it again from the report (3 left).
+    admin.delete(key.as_str(), None).await.expect("delete");
+    identify_once(&backend, 2)
+        .await
+        .expect("the backend spends from the budget set again, not from its old copy");
+    assert_eq!(stored_remaining(&mut admin, &key).await, 2);
 }
 
 #[tokio::test]

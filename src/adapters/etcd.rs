@@ -103,6 +103,10 @@ pub enum EtcdError {
     /// The lease of a queued lock expired before the lock was granted.
     #[error("lease {lease:016x} of bucket {bucket} expired before the bucket lock was granted")]
     LeaseExpired { lease: i64, bucket: u32 },
+    /// The key of a queued lock was deleted (its lease revoked, or the key removed by hand)
+    /// before the lock was granted.
+    #[error("lock key {key} of bucket {bucket} was deleted before the bucket lock was granted")]
+    QueuedKeyDeleted { bucket: u32, key: String },
     /// The budget key contains something other than the budget JSON.
     #[error("invalid session-start budget at {key}: {source}; delete the key and it is set again from GET /gateway/bot")]
     InvalidBudget {

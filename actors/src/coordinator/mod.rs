@@ -10,6 +10,12 @@
 //! shortening the gap to the next IDENTIFY. A holder that stops or hands the lease back before IDENTIFY frees the bucket at once.
 //! The release timer belongs to the coordinator: a restarted shard cannot carry it along, and a
 //! timer of an old lease finds a newer lease id and does nothing.
+//!
+//! Two things keep the hand-over between holders short. While a bucket is held and shards wait
+//! for it, the coordinator already acquires the next backend lock, so a fleet-wide backend queues
+//! it behind the holder and grants it as soon as the holder's lock is released. And the backend's
+//! `begin_identify` runs in a task of its own, so a round trip to the backend for one bucket never
+//! delays the timers and grants of the others.
 
 mod backend;
 
@@ -94,6 +100,13 @@ pub enum CoordinatorMsg {
     /// went out has reached the end of its pacing window and was released. A process that exits
     /// after this leaves no bucket locked behind it.
     Drain(RpcReplyPort<()>),
+    /// Internal: the result of the backend's `begin_identify` for a `BeginIdentify`, with the
+    /// holder's reply port.
+    BeginFinished {
+        lease: Lease,
+        result: Result<(), IdentifyRefusal>,
+        reply: RpcReplyPort<bool>,
+    },
     /// Internal: the result of a backend acquire.
     BackendAcquired {
         bucket: u32,
@@ -115,21 +128,37 @@ struct Waiter {
     reply: RpcReplyPort<Lease>,
 }
 
+/// How far the holder of a lease has got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Granted, no `BeginIdentify` yet: a release or a stopped holder frees the bucket at once.
+    Granted,
+    /// The backend is confirming the lock and spending a session start. Its result may allow an
+    /// IDENTIFY, so nothing but that result frees the bucket.
+    Beginning,
+    /// `BeginIdentify` succeeded: the bucket now frees only on the pacing timer.
+    Sent,
+    /// The holder reported the IDENTIFY written; the pacing timer runs from then.
+    Written,
+}
+
 struct Holding {
     lease: Lease,
     shard: u32,
     holder: ActorId,
     since: Instant,
-    /// `BeginIdentify` succeeded: the bucket now frees only on the pacing timer.
-    sent: bool,
-    /// The holder reported the IDENTIFY written; the pacing timer runs from then.
-    written: bool,
+    stage: Stage,
     lock: BackendLock,
     /// The pending timer of this lease, aborted when the lease ends first.
     timer: Option<JoinHandle<()>>,
 }
 
 impl Holding {
+    /// Returns `true` once `BeginIdentify` succeeded, when the bucket frees only on the timer.
+    fn sent(&self) -> bool {
+        matches!(self.stage, Stage::Sent | Stage::Written)
+    }
+
     /// Replaces the lease's timer with a pacing timer of `hold`.
     fn restart_timer(&mut self, myself: &ActorRef<CoordinatorMsg>, hold: Duration) {
         if let Some(timer) = self.timer.take() {
@@ -149,7 +178,9 @@ struct Bucket {
     /// Waiters keyed by (shard, arrival), so shards are served in shard order.
     waiters: BTreeMap<(u32, u64), Waiter>,
     holding: Option<Holding>,
-    /// A backend acquire is in flight.
+    /// A backend lock acquired for the next waiter while the bucket was still held.
+    ready: Option<BackendLock>,
+    /// A backend acquire (or the timer before retrying one) is in flight.
     acquiring: Option<JoinHandle<()>>,
     failures: u32,
     granted: u64,
@@ -221,14 +252,18 @@ impl Actor for IdentifyCoordinator {
             }
             // A lock whose IDENTIFY went out must outlive its pacing window: releasing it
             // here would let another process identify inside the window. It lapses with its
-            // lease instead. Unused locks are released at once.
+            // lease instead. Unused locks are released at once. That includes a lock whose
+            // `begin_identify` is still running, since its result can no longer reach the holder.
             if let Some(holding) = bucket.holding.take() {
-                if let Some(timer) = holding.timer {
+                if let Some(timer) = &holding.timer {
                     timer.abort();
                 }
-                if !holding.sent {
+                if !holding.sent() {
                     let _ = state.args.backend.release(holding.lock).await;
                 }
+            }
+            if let Some(lock) = bucket.ready.take() {
+                let _ = state.args.backend.release(lock).await;
             }
         }
         Ok(())
@@ -247,9 +282,13 @@ impl Actor for IdentifyCoordinator {
                 reply,
             } => state.enqueue(&myself, shard, holder, reply),
             CoordinatorMsg::BeginIdentify { lease, reply } => {
-                let held = state.begin_identify(&myself, lease).await;
-                let _ = reply.send(held);
+                state.begin_identify(&myself, lease, reply)
             }
+            CoordinatorMsg::BeginFinished {
+                lease,
+                result,
+                reply,
+            } => state.begin_finished(&myself, lease, result, reply),
             CoordinatorMsg::Release { lease } => {
                 state.release_unsent(&myself, lease, "handed back")
             }
@@ -305,7 +344,9 @@ impl CoordinatorState {
         self.pump(myself, bucket);
     }
 
-    /// Starts a backend acquire for a bucket that is free and has waiters.
+    /// Grants the ready lock of a free bucket to its first waiter, and starts a backend acquire
+    /// whenever shards wait and no lock is ready or being acquired. The acquire starts while the
+    /// bucket is still held, so the next lock is queued before the holder's window ends.
     fn pump(&mut self, myself: &ActorRef<CoordinatorMsg>, bucket: u32) {
         if self.drained {
             self.answer_drain();
@@ -316,10 +357,22 @@ impl CoordinatorState {
         }
         let state = &mut self.buckets[bucket as usize];
         state.waiters.retain(|_, waiter| !waiter.reply.is_closed());
-        if state.holding.is_some() || state.acquiring.is_some() || state.waiters.is_empty() {
+        if state.waiters.is_empty() {
+            if let Some(lock) = state.ready.take() {
+                self.release_backend(lock);
+            }
             return;
         }
+        if state.holding.is_none() {
+            if let Some(lock) = state.ready.take() {
+                self.grant(myself, bucket, lock);
+            }
+        }
 
+        let state = &mut self.buckets[bucket as usize];
+        if state.acquiring.is_some() || state.ready.is_some() || state.waiters.is_empty() {
+            return;
+        }
         let backend = self.args.backend.clone();
         let hold = self.args.pacing * 2 + self.args.grace + self.args.unsent_timeout;
         let coordinator = myself.clone();
@@ -368,10 +421,19 @@ impl CoordinatorState {
             );
         }
 
-        self.grant(myself, bucket, lock);
+        // A lock that arrives during a drain or while the budget is at the reserve would only
+        // keep other processes out of the bucket.
+        let unusable = self.drained || self.budget_blocked_until.is_some();
+        let state = &mut self.buckets[bucket as usize];
+        if unusable || state.ready.is_some() {
+            self.release_backend(lock);
+            return;
+        }
+        state.ready = Some(lock);
+        self.pump(myself, bucket);
     }
 
-    /// Hands a freshly acquired bucket lock to the first waiter still listening.
+    /// Hands a backend lock to the first waiter still listening.
     fn grant(&mut self, myself: &ActorRef<CoordinatorMsg>, bucket: u32, lock: BackendLock) {
         let unsent_timeout = self.args.unsent_timeout;
         let state = &mut self.buckets[bucket as usize];
@@ -397,8 +459,7 @@ impl CoordinatorState {
                 shard,
                 holder: waiter.holder,
                 since: Instant::now(),
-                sent: false,
-                written: false,
+                stage: Stage::Granted,
                 lock,
                 timer: Some(timer),
             });
@@ -409,18 +470,56 @@ impl CoordinatorState {
         self.release_backend(lock);
     }
 
-    async fn begin_identify(&mut self, myself: &ActorRef<CoordinatorMsg>, lease: Lease) -> bool {
-        let Some(bucket) = self.buckets.get_mut(lease.bucket as usize) else {
-            return false;
+    /// Asks the backend, in a task of its own, to confirm the lock and spend a session start.
+    /// The holder gets its reply when the backend has finished (`begin_finished`).
+    fn begin_identify(
+        &mut self,
+        myself: &ActorRef<CoordinatorMsg>,
+        lease: Lease,
+        reply: RpcReplyPort<bool>,
+    ) {
+        let holding = self
+            .buckets
+            .get_mut(lease.bucket as usize)
+            .and_then(|bucket| bucket.holding.as_mut())
+            .filter(|h| h.lease == lease && h.stage == Stage::Granted);
+        let Some(holding) = holding else {
+            let _ = reply.send(false);
+            return;
         };
+        holding.stage = Stage::Beginning;
+
+        let backend = self.args.backend.clone();
+        let lock = holding.lock;
+        let coordinator = myself.clone();
+        tokio::spawn(async move {
+            let result = backend.begin_identify(lock).await;
+            let _ = coordinator.cast(CoordinatorMsg::BeginFinished {
+                lease,
+                result,
+                reply,
+            });
+        });
+    }
+
+    fn begin_finished(
+        &mut self,
+        myself: &ActorRef<CoordinatorMsg>,
+        lease: Lease,
+        result: Result<(), IdentifyRefusal>,
+        reply: RpcReplyPort<bool>,
+    ) {
+        // Only this result ends the `Beginning` stage, so the lease is still held here.
+        let bucket = &mut self.buckets[lease.bucket as usize];
         let Some(holding) = bucket
             .holding
             .as_mut()
-            .filter(|h| h.lease == lease && !h.sent)
+            .filter(|h| h.lease == lease && h.stage == Stage::Beginning)
         else {
-            return false;
+            let _ = reply.send(false);
+            return;
         };
-        if let Err(refusal) = self.args.backend.begin_identify(holding.lock).await {
+        if let Err(refusal) = result {
             let shard = holding.shard;
             let lock = holding.lock;
             if let Some(timer) = holding.timer.take() {
@@ -429,13 +528,14 @@ impl CoordinatorState {
             bucket.holding = None;
             self.release_backend(lock);
             self.refused(myself, lease.bucket, shard, refusal);
-            return false;
+            let _ = reply.send(false);
+            return;
         }
 
         // Until the holder reports the write, the bucket is held long enough for a write that
         // takes a whole extra pacing window; a holder that never reports (its connection died)
         // thus frees the bucket late, never early.
-        holding.sent = true;
+        holding.stage = Stage::Sent;
         let hold = self.args.pacing * 2 + self.args.grace;
         holding.restart_timer(myself, hold);
         tracing::debug!(
@@ -444,7 +544,7 @@ impl CoordinatorState {
             lease = lease.id,
             "IDENTIFY begun"
         );
-        true
+        let _ = reply.send(true);
     }
 
     /// Handles a refused IDENTIFY. A lost lock is retried at once; an exhausted budget stops
@@ -463,6 +563,16 @@ impl CoordinatorState {
                     tracing::error!(shard, %refusal, "IDENTIFY refused: session starts are at the reserve; no shard identifies until the budget resets, resumes go on");
                 }
                 self.budget_blocked_until = Some(until);
+                // Queued locks would keep the other processes out of their buckets until the
+                // reset.
+                let ready: Vec<BackendLock> = self
+                    .buckets
+                    .iter_mut()
+                    .filter_map(|bucket| bucket.ready.take())
+                    .collect();
+                for lock in ready {
+                    self.release_backend(lock);
+                }
                 let coordinator = myself.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(reset_in).await;
@@ -492,9 +602,9 @@ impl CoordinatorState {
         if let Some(holding) = bucket
             .holding
             .as_mut()
-            .filter(|h| h.lease == lease && h.sent && !h.written)
+            .filter(|h| h.lease == lease && h.stage == Stage::Sent)
         {
-            holding.written = true;
+            holding.stage = Stage::Written;
             holding.restart_timer(myself, hold);
         }
     }
@@ -506,7 +616,7 @@ impl CoordinatorState {
         if bucket
             .holding
             .as_ref()
-            .is_some_and(|h| h.lease == lease && h.sent)
+            .is_some_and(|h| h.lease == lease && h.sent())
         {
             self.free(myself, lease.bucket);
         }
@@ -524,7 +634,7 @@ impl CoordinatorState {
         if bucket
             .holding
             .as_ref()
-            .is_some_and(|h| h.lease == lease && !h.sent)
+            .is_some_and(|h| h.lease == lease && h.stage == Stage::Granted)
         {
             tracing::debug!(
                 bucket = lease.bucket,
@@ -543,7 +653,7 @@ impl CoordinatorState {
             let unsent = bucket
                 .holding
                 .as_ref()
-                .is_some_and(|h| h.holder == holder && !h.sent);
+                .is_some_and(|h| h.holder == holder && h.stage == Stage::Granted);
             if unsent {
                 tracing::debug!(
                     bucket = index,
@@ -584,7 +694,14 @@ impl CoordinatorState {
             if let Some(task) = bucket.acquiring.take() {
                 task.abort();
             }
-            let unsent = bucket.holding.as_ref().is_some_and(|h| !h.sent);
+            if let Some(lock) = bucket.ready.take() {
+                self.release_backend(lock);
+            }
+            let bucket = &self.buckets[index];
+            let unsent = bucket
+                .holding
+                .as_ref()
+                .is_some_and(|h| h.stage == Stage::Granted);
             if unsent {
                 self.free(myself, index as u32);
             }
@@ -624,7 +741,7 @@ impl CoordinatorState {
             .map(|(index, bucket)| BucketStatus {
                 bucket: index as u32,
                 holder: bucket.holding.as_ref().map(|h| h.shard),
-                sent: bucket.holding.as_ref().is_some_and(|h| h.sent),
+                sent: bucket.holding.as_ref().is_some_and(Holding::sent),
                 held_ms: bucket
                     .holding
                     .as_ref()

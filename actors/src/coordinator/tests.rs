@@ -492,3 +492,235 @@ async fn drain_waits_for_open_windows() {
     let buckets = status(&coordinator).await;
     assert!(buckets.iter().all(|b| b.holder.is_none()), "{buckets:?}");
 }
+
+/// A backend that records the locks it hands out and takes back, and holds `begin_identify` in
+/// bucket 0 until the test adds a permit to `begin_gate`.
+struct RecordingBackend {
+    next_handle: std::sync::atomic::AtomicU64,
+    acquired: std::sync::Mutex<Vec<BackendLock>>,
+    released: std::sync::Mutex<Vec<BackendLock>>,
+    gate_bucket_0: bool,
+    begin_gate: tokio::sync::Semaphore,
+}
+
+impl RecordingBackend {
+    fn new(gate_bucket_0: bool) -> Arc<Self> {
+        Arc::new(Self {
+            next_handle: 1.into(),
+            acquired: Default::default(),
+            released: Default::default(),
+            gate_bucket_0,
+            begin_gate: tokio::sync::Semaphore::new(0),
+        })
+    }
+
+    fn acquired(&self) -> Vec<BackendLock> {
+        self.acquired.lock().unwrap().clone()
+    }
+
+    fn released(&self) -> Vec<BackendLock> {
+        self.released.lock().unwrap().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl IdentifyBackend for RecordingBackend {
+    fn name(&self) -> &'static str {
+        "recording"
+    }
+
+    async fn acquire(&self, bucket: u32, _hold: Duration) -> Result<BackendLock, PortError> {
+        let handle = self
+            .next_handle
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let lock = BackendLock { bucket, handle };
+        self.acquired.lock().unwrap().push(lock);
+        Ok(lock)
+    }
+
+    async fn begin_identify(&self, lock: BackendLock) -> Result<(), IdentifyRefusal> {
+        if self.gate_bucket_0 && lock.bucket == 0 {
+            self.begin_gate
+                .acquire()
+                .await
+                .expect("the gate stays open")
+                .forget();
+        }
+        Ok(())
+    }
+
+    async fn release(&self, lock: BackendLock) -> Result<(), PortError> {
+        self.released.lock().unwrap().push(lock);
+        Ok(())
+    }
+}
+
+async fn coordinator_on(
+    backend: Arc<RecordingBackend>,
+    max_concurrency: u32,
+) -> ActorRef<CoordinatorMsg> {
+    let args = CoordinatorArgs {
+        max_concurrency,
+        pacing: PACING,
+        grace: GRACE,
+        unsent_timeout: UNSENT,
+        backend_retry: Duration::from_millis(100),
+        backend,
+    };
+    let (actor, _) = Actor::spawn(None, IdentifyCoordinator, args).await.unwrap();
+    actor
+}
+
+#[tokio::test(start_paused = true)]
+async fn next_lock_acquired_during_window() {
+    let backend = RecordingBackend::new(false);
+    let coordinator = coordinator_on(backend.clone(), 1).await;
+    let first = request(&coordinator, 0, 1).await.unwrap();
+    assert!(begin(&coordinator, first).await);
+    let mut next = request(&coordinator, 1, 2);
+    settle().await;
+
+    let acquired = backend.acquired();
+    assert_eq!(
+        acquired.len(),
+        2,
+        "the waiter's lock was not acquired while the bucket was held: {acquired:?}"
+    );
+    assert!(
+        next.try_recv().is_err(),
+        "the waiter was granted inside the holder's window"
+    );
+    assert!(backend.released().is_empty(), "{:?}", backend.released());
+
+    let started = Instant::now();
+    let next = next.await.unwrap();
+    assert!(
+        started.elapsed() >= PACING + GRACE - Duration::from_millis(10),
+        "bucket freed {:?} after IDENTIFY, before pacing + grace",
+        started.elapsed()
+    );
+    settle().await;
+    assert_eq!(
+        backend.released(),
+        [acquired[0]],
+        "only the first holder's lock is released"
+    );
+    assert!(begin(&coordinator, next).await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn queued_lock_released_without_waiters() {
+    let backend = RecordingBackend::new(false);
+    let coordinator = coordinator_on(backend.clone(), 1).await;
+    let lease = request(&coordinator, 0, 1).await.unwrap();
+
+    // Shard 1's requester stops waiting after its lock was queued.
+    let gone = {
+        let coordinator = coordinator.clone();
+        tokio::spawn(async move {
+            let _ = coordinator
+                .call(
+                    |reply| CoordinatorMsg::Acquire {
+                        shard: 1,
+                        holder: ActorId::Local(2),
+                        reply,
+                    },
+                    None,
+                )
+                .await;
+        })
+    };
+    settle().await;
+    assert_eq!(backend.acquired().len(), 2);
+    gone.abort();
+    settle().await;
+
+    coordinator.cast(CoordinatorMsg::Release { lease }).unwrap();
+    settle().await;
+    let mut released = backend.released();
+    released.sort_by_key(|lock| lock.handle);
+    assert_eq!(
+        released,
+        backend.acquired(),
+        "the queued lock outlived its last waiter"
+    );
+    let buckets = status(&coordinator).await;
+    assert_eq!(buckets[0].holder, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_begin_delays_no_other_bucket() {
+    let backend = RecordingBackend::new(true);
+    let coordinator = coordinator_on(backend.clone(), 2).await;
+    let slow = request(&coordinator, 0, 1).await.unwrap();
+    let fast = request(&coordinator, 1, 2).await.unwrap();
+
+    let slow_begin = {
+        let coordinator = coordinator.clone();
+        tokio::spawn(async move { begin(&coordinator, slow).await })
+    };
+    settle().await;
+    // Paused time runs ahead whenever every task waits, so a begin stuck behind the gated one
+    // would run into this timeout.
+    let begun = tokio::time::timeout(Duration::from_secs(1), begin(&coordinator, fast)).await;
+    assert_eq!(
+        begun.ok(),
+        Some(true),
+        "bucket 1 waited for bucket 0's backend"
+    );
+
+    // While the backend decides, neither a release nor a stopped holder frees bucket 0, because
+    // its result may still allow the IDENTIFY.
+    coordinator
+        .cast(CoordinatorMsg::Release { lease: slow })
+        .unwrap();
+    coordinator
+        .cast(CoordinatorMsg::HolderStopped {
+            holder: ActorId::Local(1),
+        })
+        .unwrap();
+    settle().await;
+    let buckets = status(&coordinator).await;
+    assert_eq!(
+        buckets[0].holder,
+        Some(0),
+        "bucket 0 freed during its begin"
+    );
+    assert!(!buckets[0].sent);
+    assert!(backend.released().is_empty(), "{:?}", backend.released());
+
+    backend.begin_gate.add_permits(1);
+    assert!(slow_begin.await.unwrap(), "the gated begin was refused");
+    let buckets = status(&coordinator).await;
+    assert!(buckets[0].sent, "{buckets:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_releases_queued_lock() {
+    let backend = RecordingBackend::new(false);
+    let coordinator = coordinator_on(backend.clone(), 1).await;
+    let lease = request(&coordinator, 0, 1).await.unwrap();
+    assert!(begin(&coordinator, lease).await);
+    let _waiting = request(&coordinator, 1, 2);
+    settle().await;
+    let acquired = backend.acquired();
+    assert_eq!(acquired.len(), 2);
+
+    let drain = {
+        let coordinator = coordinator.clone();
+        tokio::spawn(async move { coordinator.call(CoordinatorMsg::Drain, None).await })
+    };
+    settle().await;
+    assert_eq!(
+        backend.released(),
+        [acquired[1]],
+        "the drain kept the queued lock or released the holder's inside its window"
+    );
+    assert!(matches!(
+        drain.await.unwrap().unwrap(),
+        CallResult::Success(())
+    ));
+    let mut released = backend.released();
+    released.sort_by_key(|lock| lock.handle);
+    assert_eq!(released, acquired);
+}

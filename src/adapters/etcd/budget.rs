@@ -5,6 +5,12 @@
 //! revoked lease never spends a start nor covers an IDENTIFY. It also compares the mod revision of
 //! the budget key, so a concurrent spend by another process is never overwritten. A compare that
 //! fails only because the budget changed is retried with the budget etcd returned.
+//!
+//! The budget is not read before each spend: the transaction starts from the value and mod
+//! revision this process last read or wrote. The spends of one process take turns, so they never
+//! invalidate each other's copy, and a spend by another process costs one failed transaction
+//! whose else branch returns the current budget. A spend thus takes one round trip while this
+//! process is the only one identifying.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -95,7 +101,9 @@ pub(super) fn unix_ms_now() -> u64 {
         })
 }
 
-/// The budget key as last read: its value and mod revision (0 while the key is missing).
+/// The budget key as last read or written: its value and mod revision (0 while the key is
+/// missing).
+#[derive(Clone, Copy)]
 struct Observed {
     budget: Option<StoredBudget>,
     mod_revision: i64,
@@ -107,6 +115,9 @@ pub(super) struct Budget {
     key: String,
     report: DiscordReport,
     reserve: u32,
+    /// The budget key as this process last saw it, `None` before the first spend. Holding the
+    /// mutex makes the spends of this process take turns.
+    last_seen: tokio::sync::Mutex<Option<Observed>>,
 }
 
 impl Budget {
@@ -121,6 +132,7 @@ impl Budget {
             key,
             report,
             reserve,
+            last_seen: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -130,12 +142,37 @@ impl Budget {
 
     /// Spends one session start if the lock is still held and the budget is above the reserve.
     pub(super) async fn spend(&self, lock: &HeldLockInfo) -> Result<(), IdentifyRefusal> {
-        let mut observed = self.read().await.map_err(PortError::from)?;
+        let mut last_seen = self.last_seen.lock().await;
+        let (fresh, mut observed) = match *last_seen {
+            Some(observed) => (false, observed),
+            None => (true, self.read().await.map_err(PortError::from)?),
+        };
+        let outcome = self.spend_from(lock, fresh, &mut observed).await;
+        *last_seen = Some(observed);
+        outcome
+    }
+
+    /// Runs the spend transaction from `observed` until it succeeds, finds the lock lost or the
+    /// budget at the reserve. `observed` is left at the budget as last seen, and `fresh` is
+    /// `true` when it was read from etcd during this spend.
+    async fn spend_from(
+        &self,
+        lock: &HeldLockInfo,
+        mut fresh: bool,
+        observed: &mut Observed,
+    ) -> Result<(), IdentifyRefusal> {
         for attempt in 1..=SPEND_ATTEMPTS {
             let now_ms = unix_ms_now();
             let current = current_budget(observed.budget, &self.report, now_ms);
             if current.remaining <= self.reserve {
-                return Err(self.refusal(current, now_ms));
+                if fresh {
+                    return Err(self.refusal(current, now_ms));
+                }
+                // A copy from an earlier spend may be outdated (an operator may have deleted
+                // the key to reset it), so only a budget read now refuses.
+                *observed = self.read().await.map_err(PortError::from)?;
+                fresh = true;
+                continue;
             }
 
             let next = StoredBudget {
@@ -143,7 +180,7 @@ impl Budget {
                 ..current
             };
             let spent = self
-                .try_spend(lock, &observed, &next)
+                .try_spend(lock, observed, &next)
                 .await
                 .map_err(PortError::from)?;
             match spent {
@@ -156,6 +193,10 @@ impl Budget {
                         attempt,
                         "session start spent"
                     );
+                    *observed = Observed {
+                        budget: Some(next),
+                        mod_revision: revision,
+                    };
                     return Ok(());
                 }
                 Spent::LockLost => {
@@ -166,7 +207,10 @@ impl Budget {
                     );
                     return Err(IdentifyRefusal::LockLost);
                 }
-                Spent::BudgetChanged(latest) => observed = latest,
+                Spent::BudgetChanged(latest) => {
+                    *observed = latest;
+                    fresh = true;
+                }
             }
         }
         Err(PortError::from(EtcdError::BudgetContention {
@@ -214,7 +258,8 @@ impl Budget {
     }
 
     /// Runs the spend transaction once. It writes `next` if the lock key still has its create
-    /// revision and the budget its mod revision, and reads both keys back otherwise.
+    /// revision and the budget its mod revision, and reads both keys back otherwise. The
+    /// revision of a successful transaction is the budget key's new mod revision.
     async fn try_spend(
         &self,
         lock: &HeldLockInfo,

@@ -2,22 +2,23 @@
 //!
 //! A waiter grants itself a lease, puts `<prefix>/<bucket>/<lease id in hex>` under it and owns
 //! the lock once its key has the lowest create revision under `<prefix>/<bucket>/`. Until then it
-//! watches the delete of the key just below its own, so waiters of every process are served in
-//! the order etcd created their keys, and each delete wakes one waiter. Each lock has a lease of
-//! its own, so a crashed holder frees only its own key, when its lease expires.
+//! reads the keys created before its own and watches the bucket until all of them are deleted, so
+//! waiters of every process are served in the order etcd created their keys. Each lock has a
+//! lease of its own, so a crashed holder frees only its own key, when its lease expires. A
+//! release revokes the lease, which deletes the key in the same write.
 //!
 //! The Lock RPC is not used. Called without a lease, it makes etcd create a session lease with a
 //! 60 s TTL (etcd 3.4.23) that no client renews.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use actors::coordinator::BackendLock;
 use etcd_client::{
-    EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, SortOrder, SortTarget,
-    WatchFilterType, WatchOptions,
+    EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, WatchFilterType,
+    WatchOptions,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -98,13 +99,17 @@ impl Locks {
     /// Returns the lease TTL for a hold: `hold + lease_margin` rounded up to whole seconds,
     /// between [`MIN_LEASE_TTL_SECS`] and [`MAX_LEASE_TTL_SECS`].
     ///
-    /// The lease is renewed when the lock is granted and again at `begin_identify`. Even if no
-    /// keep-alive reaches etcd afterwards, it thus outlives the whole hold, which is the
-    /// coordinator's unsent timeout followed by pacing and grace after the IDENTIFY. A holder that
-    /// crashes after IDENTIFY thus keeps its bucket closed for at least the TTL after it began
-    /// the IDENTIFY. The margin covers the time between etcd receiving a renewal and the
-    /// coordinator starting its timers (one round trip plus scheduling), and the rounding to
-    /// whole seconds only adds to it.
+    /// The keep-alive task renews the lease every TTL/3 while the lock is queued and held, and
+    /// `begin_identify` renews it once more before it spends the session start. Even if no
+    /// keep-alive reaches etcd after that renewal, the lease outlives the coordinator's hold
+    /// after IDENTIFY (pacing and grace, at most twice the pacing while the write is
+    /// unreported). A holder that crashes after IDENTIFY thus keeps its bucket closed for at
+    /// least the TTL after it began the IDENTIFY. The margin covers the time between etcd
+    /// receiving the renewal and the coordinator starting its timer (round trips plus
+    /// scheduling), and the rounding to whole seconds only adds to it.
+    ///
+    /// A lease that lapses before `begin_identify` (keep-alives lost to a partition) only makes
+    /// `begin_identify` fail: its renewal finds no lease, and the budget transaction no key.
     pub(super) fn lease_ttl_secs(&self, hold: Duration) -> i64 {
         let total = hold.saturating_add(self.lease_margin);
         let whole = total.as_secs() + u64::from(total.subsec_nanos() > 0);
@@ -129,15 +134,14 @@ impl Locks {
 
         let mut lost = pending.lost.clone();
         tokio::select! {
-            waited = self.wait_for_turn(bucket, create_revision) => waited?,
+            waited = self.wait_for_turn(bucket, &key, create_revision) => waited?,
             _ = lost.wait_for(|lost| *lost) => {
                 return Err(EtcdError::LeaseExpired { lease: lease.0, bucket });
             }
         }
 
-        // Renewing now starts the full TTL at the grant, which `lease_ttl_secs` relies on.
-        renew(&self.connection, lease, bucket).await?;
-
+        // No renewal here: `begin_identify` renews the lease before the lock covers an
+        // IDENTIFY, and until then the keep-alive task keeps it.
         self.record_held(pending, key, create_revision);
         tracing::debug!(
             bucket,
@@ -220,15 +224,23 @@ impl Locks {
         Ok(put.header().map_or(0, |header| header.revision()))
     }
 
-    /// Returns once no key of the bucket has a create revision below `own_revision`.
-    async fn wait_for_turn(&self, bucket: u32, own_revision: i64) -> Result<(), EtcdError> {
+    /// Returns once no key of the bucket has a create revision below `own_revision`, the create
+    /// revision of `own_key`.
+    ///
+    /// Keys created later never rank before this one, so the keys ahead are read once and the
+    /// wait ends when the watch has seen each of them deleted. A second read of the queue is
+    /// needed only when etcd cancels the watch.
+    async fn wait_for_turn(
+        &self,
+        bucket: u32,
+        own_key: &str,
+        own_revision: i64,
+    ) -> Result<(), EtcdError> {
         let prefix = self.bucket_prefix(bucket);
         loop {
             let options = GetOptions::new()
                 .with_prefix()
                 .with_max_create_revision(own_revision - 1)
-                .with_sort(SortTarget::Create, SortOrder::Descend)
-                .with_limit(1)
                 .with_keys_only();
             let range_key = prefix.clone();
             let queue = self
@@ -237,34 +249,51 @@ impl Locks {
                     client.get(range_key, Some(options)).await
                 })
                 .await?;
-            let Some(predecessor) = queue.kvs().first() else {
+            let ahead: HashSet<Vec<u8>> = queue.kvs().iter().map(|kv| kv.key().to_vec()).collect();
+            if ahead.is_empty() {
                 return Ok(());
-            };
+            }
 
             let revision = queue.header().map_or(0, |header| header.revision());
             tracing::debug!(
                 bucket,
-                predecessor = %String::from_utf8_lossy(predecessor.key()),
+                ahead = ahead.len(),
                 revision,
-                "waiting for the key ahead to be deleted"
+                "waiting for the keys ahead to be deleted"
             );
-            self.wait_for_delete(predecessor.key().to_vec(), revision + 1)
-                .await?;
+            if self
+                .wait_for_deletes(bucket, own_key, ahead, revision + 1)
+                .await?
+            {
+                return Ok(());
+            }
         }
     }
 
-    /// Returns when `key` is deleted at or after `start_revision`, or when etcd cancels the watch
-    /// (its start revision was compacted). The caller reads the queue again either way.
+    /// Watches the bucket from `start_revision` and returns `true` once every key of `ahead` is
+    /// deleted, or `false` when etcd cancels the watch (its start revision was compacted), after
+    /// which the caller reads the queue again. Fails with [`EtcdError::QueuedKeyDeleted`] when
+    /// `own_key` is deleted first, by a revoke of its lease for example.
     ///
     /// The watch starts at the read's header revision + 1, so a delete between the read and the
-    /// watch is replayed. It also makes the watch fast (etcd 3.4.23 over loopback on a 2-core
-    /// machine, 5 runs each). A watch started at the header revision itself saw a later delete
-    /// after 25 to 90 ms, since it waits for etcd's catch-up loop for watchers that start in the
-    /// past. One started at revision + 1 saw it after about 1 ms.
-    async fn wait_for_delete(&self, key: Vec<u8>, start_revision: i64) -> Result<(), EtcdError> {
+    /// watch is replayed. It also makes the watch fast when no other write comes in between (etcd
+    /// 3.4.23 over loopback on a 2-core machine, 5 runs each). A watch started at the header
+    /// revision itself saw a later delete after 25 to 90 ms, since it waits for etcd's catch-up
+    /// loop for watchers that start in the past. One started at revision + 1 saw it after about
+    /// 1 ms. The coordinator acquires while the bucket is still held, so the watch is normally
+    /// in place long before the delete it waits for.
+    async fn wait_for_deletes(
+        &self,
+        bucket: u32,
+        own_key: &str,
+        mut ahead: HashSet<Vec<u8>>,
+        start_revision: i64,
+    ) -> Result<bool, EtcdError> {
         let options = WatchOptions::new()
+            .with_prefix()
             .with_start_revision(start_revision)
             .with_filters([WatchFilterType::NoPut]);
+        let key = self.bucket_prefix(bucket);
         let mut stream = self
             .connection
             .call("lock watch", move |mut client| async move {
@@ -290,14 +319,23 @@ impl Locks {
                     reason = message.cancel_reason(),
                     "lock watch canceled by etcd; reading the queue again"
                 );
-                return Ok(());
+                return Ok(false);
             }
-            if message
-                .events()
-                .iter()
-                .any(|event| event.event_type() == EventType::Delete)
-            {
-                return Ok(());
+            for event in message.events() {
+                let Some(kv) = event.kv() else { continue };
+                if event.event_type() != EventType::Delete {
+                    continue;
+                }
+                if kv.key() == own_key.as_bytes() {
+                    return Err(EtcdError::QueuedKeyDeleted {
+                        bucket,
+                        key: own_key.to_owned(),
+                    });
+                }
+                ahead.remove(kv.key());
+            }
+            if ahead.is_empty() {
+                return Ok(true);
             }
         }
     }
@@ -329,8 +367,9 @@ impl Locks {
         })
     }
 
-    /// Deletes the lock key, which wakes the next waiter, and revokes the lease. A lock that is
-    /// not held (released before, or never granted here) is released already.
+    /// Revokes the lock's lease. etcd deletes the lock key in the same write, which wakes the
+    /// next waiter, so a release costs one write instead of a delete and a revoke. A lock that
+    /// is not held (released before, or never granted here) is released already.
     ///
     /// When etcd cannot be reached the lease is revoked in the background as soon as it can,
     /// and expires on its own after its TTL otherwise.
@@ -345,18 +384,7 @@ impl Locks {
         };
         held.keeper.abort();
 
-        let key = held.key.clone();
-        let deleted = self
-            .connection
-            .call("lock key delete", move |mut client| async move {
-                client.delete(key, None).await
-            })
-            .await;
-        let released = match deleted {
-            Ok(_) => revoke(&self.connection, held.lease).await,
-            Err(error) => Err(error),
-        };
-        if let Err(error) = released {
+        if let Err(error) = revoke(&self.connection, held.lease).await {
             spawn_revoke(self.connection.clone(), held.lease, held.bucket, held.ttl);
             return Err(error);
         }
