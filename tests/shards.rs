@@ -495,3 +495,70 @@ async fn member_request_inside_window_deferred() {
     );
     service.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_request_waits_for_new_session() {
+    // Two shards in one bucket: after both lose their sessions, the second one waits for the
+    // first one's pacing window with its connection open and no session on it.
+    let service = start(config("members-before-session", 2, 1, "")).await;
+    let simulator = service.simulator.as_ref().expect("embedded simulator");
+    let guilds: Vec<u64> = (0..2)
+        .map(|shard| simulator.guild_ids(shard)[0].get())
+        .collect();
+    eventually(
+        Duration::from_secs(10),
+        "the cold guilds' members arrived",
+        || async {
+            status(&service, 0).await.outstanding_member_requests == 0
+                && status(&service, 1).await.outstanding_member_requests == 0
+        },
+    )
+    .await;
+    // Past the member request window, so that nothing defers the requests below.
+    tokio::time::sleep(Duration::from_millis(MEMBER_WINDOW_MS + 100)).await;
+    let requests = |report: &Report, guild: u64| {
+        report
+            .member_requests
+            .get(&guild)
+            .map_or(0, |record| record.all_members_requests)
+    };
+    let before = report(&service);
+
+    for shard in 0..2 {
+        inject(&service, shard, Fault::InvalidSession { resumable: false });
+    }
+    for (shard, guild) in guilds.iter().enumerate() {
+        let name = names::shard(&service.config.process.name, shard as u32);
+        let actor: ActorRef<ShardMsg> = names::lookup(&name).expect("shard registered");
+        actor
+            .cast(ShardMsg::RequestMembers {
+                guild_id: *guild,
+                reason: MemberRequestReason::Admin,
+            })
+            .expect("the shard takes messages");
+    }
+
+    for (shard, guild) in guilds.iter().enumerate() {
+        eventually(
+            Duration::from_secs(10),
+            &format!("shard {shard}'s request for guild {guild} reached the new session"),
+            || async { requests(&report(&service), *guild) > requests(&before, *guild) },
+        )
+        .await;
+    }
+    eventually(
+        Duration::from_secs(10),
+        "every member request answered",
+        || async {
+            status(&service, 0).await.outstanding_member_requests == 0
+                && status(&service, 1).await.outstanding_member_requests == 0
+        },
+    )
+    .await;
+    let violations = report(&service).violations;
+    assert!(
+        violations.is_empty(),
+        "the gateway saw broken rules: {violations:?}"
+    );
+    service.shutdown().await;
+}

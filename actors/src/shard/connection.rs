@@ -151,11 +151,19 @@ pub(crate) enum Outgoing {
     Close(CloseCode),
 }
 
+/// A payload paced by the send limiter.
+pub(crate) struct Command {
+    pub(crate) text: String,
+    /// The guild of a member request; the actor hears when the request left the socket,
+    /// because Discord times its member request window from then.
+    pub(crate) members_of: Option<u64>,
+}
+
 /// The running tasks of a connection and the queues that feed its writer.
 pub(crate) struct Link {
     pub(crate) urgent: mpsc::UnboundedSender<Outgoing>,
     /// Commands paced by the send limiter (member requests, presence updates).
-    pub(crate) commands: mpsc::UnboundedSender<String>,
+    pub(crate) commands: mpsc::UnboundedSender<Command>,
     pub(crate) pulse: Arc<Pulse>,
     reader: JoinHandle<()>,
     heartbeat: JoinHandle<()>,
@@ -187,9 +195,15 @@ impl Link {
             interval,
             urgent.clone(),
             connection,
+            actor.clone(),
+        ));
+        let writer = tokio::spawn(write_loop(
+            dialed.sink,
+            urgent_rx,
+            commands_rx,
+            connection,
             actor,
         ));
-        let writer = tokio::spawn(write_loop(dialed.sink, urgent_rx, commands_rx));
         Self {
             urgent,
             commands,
@@ -326,7 +340,9 @@ async fn read_loop(
 async fn write_loop(
     mut sink: SplitSink<Socket, Message>,
     mut urgent: mpsc::UnboundedReceiver<Outgoing>,
-    mut commands: mpsc::UnboundedReceiver<String>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    connection: u64,
+    actor: ActorRef<ShardMsg>,
 ) {
     // A burst of half the budget, then one per second: at most `budget / 2 + 60` commands in any
     // 60 s window, which stays within `SEND_LIMIT - RESERVED_SENDS`.
@@ -338,7 +354,7 @@ async fn write_loop(
         .refill(1)
         .interval(Duration::from_secs(1))
         .build();
-    let mut pending: Option<String> = None;
+    let mut pending: Option<Command> = None;
 
     loop {
         tokio::select! {
@@ -367,13 +383,17 @@ async fn write_loop(
                 None => return,
             },
             command = commands.recv(), if pending.is_none() => match command {
-                Some(text) => pending = Some(text),
+                Some(command) => pending = Some(command),
                 None => return,
             },
             () = limiter.acquire_one(), if pending.is_some() => {
-                if let Some(text) = pending.take() {
-                    if sink.send(Message::text(text)).await.is_err() {
+                if let Some(command) = pending.take() {
+                    if sink.send(Message::text(command.text)).await.is_err() {
                         return;
+                    }
+                    if let Some(guild_id) = command.members_of {
+                        let written = Event::MemberRequestWritten { connection, guild_id };
+                        let _ = actor.cast(ShardMsg::from(written));
                     }
                 }
             }

@@ -114,10 +114,6 @@ impl ShardState {
     async fn on_resumed(&mut self) {
         tracing::info!(shard = self.args.shard, seq = self.seq, "RESUMED");
         self.connected();
-        let outstanding: Vec<u64> = self.outstanding.keys().copied().collect();
-        for guild_id in outstanding {
-            self.send_member_request(guild_id);
-        }
         self.update_progress().await;
         if self.stage.is_steady() {
             self.save().await;
@@ -161,6 +157,9 @@ impl ShardState {
             self.guilds.pending.remove(&head.id.get());
             if head.unavailable != Some(true) {
                 self.outstanding.remove(&head.id.get());
+                if let Some(timer) = self.deferred.remove(&head.id.get()) {
+                    timer.abort();
+                }
             }
         }
     }

@@ -174,6 +174,11 @@ pub(crate) enum Event {
     RetryMembers {
         guild_id: u64,
     },
+    /// A member request left the socket.
+    MemberRequestWritten {
+        connection: u64,
+        guild_id: u64,
+    },
     /// The member request window of a guild whose request was deferred has passed.
     DeferredMembers {
         guild_id: u64,
@@ -216,19 +221,7 @@ impl Actor for ShardActor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             ShardMsg::RequestMembers { guild_id, reason } => {
-                // A sweep page or an operator may name a guild the bot has left since; Discord
-                // would ignore the request and the simulator counts it as a broken rule.
-                let cached = state.args.store.member_count(guild_id).await;
-                if matches!(cached, Ok(None)) {
-                    tracing::debug!(
-                        shard = state.args.shard,
-                        guild_id,
-                        ?reason,
-                        "member request for a guild no longer cached skipped"
-                    );
-                } else {
-                    state.request_members(guild_id, reason);
-                }
+                state.request_cached_members(guild_id, reason).await;
             }
             ShardMsg::Status(reply) => {
                 let _ = reply.send(state.status());

@@ -8,7 +8,7 @@ use ractor::rpc::CallResult;
 use ractor::{ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
 
-use super::connection::{self, Link, Outgoing};
+use super::connection::{self, Command, Link, Outgoing};
 use super::{
     Event, MemberRequestReason, ShardArgs, ShardMsg, ShardStage, ShardStatus, StabilizeMode,
 };
@@ -49,6 +49,9 @@ pub struct ShardState {
     /// Number of the current connection attempt; events of older ones are dropped.
     pub(crate) connection: u64,
     pub(crate) link: Option<Link>,
+    /// READY or RESUMED arrived on the current connection; before that the gateway closes a
+    /// connection that sends anything but heartbeats, IDENTIFY and RESUME.
+    pub(crate) authenticated: bool,
     dial: Option<JoinHandle<()>>,
     reconnect_timer: Option<JoinHandle<()>>,
     /// Consecutive reconnects without reaching READY or RESUMED.
@@ -67,7 +70,7 @@ pub struct ShardState {
     /// would only be answered with RATE_LIMITED.
     last_requested: HashMap<u64, Instant>,
     /// Member requests waiting for the window of their guild to pass, with their timers.
-    deferred: HashMap<u64, JoinHandle<()>>,
+    pub(crate) deferred: HashMap<u64, JoinHandle<()>>,
     /// Dispatches since the session was last saved.
     pub(crate) unsaved: u64,
     /// Dispatches skipped by sequence gaps, over this incarnation's life.
@@ -103,6 +106,7 @@ impl ShardState {
             seq,
             connection: 0,
             link: None,
+            authenticated: false,
             dial: None,
             reconnect_timer: None,
             attempt: 0,
@@ -177,9 +181,23 @@ impl ShardState {
                 }
             }
             Event::RetryMembers { guild_id } => self.send_member_request(guild_id),
+            Event::MemberRequestWritten {
+                connection,
+                guild_id,
+            } => {
+                // Discord's window runs from the request's arrival; the write is the closest
+                // moment the shard can know.
+                if connection == self.connection {
+                    self.last_requested.insert(guild_id, Instant::now());
+                }
+            }
             Event::DeferredMembers { guild_id, reason } => {
                 self.deferred.remove(&guild_id);
-                self.request_members(guild_id, reason);
+                if self.outstanding.contains_key(&guild_id) {
+                    self.send_or_defer(guild_id, reason);
+                } else {
+                    self.request_cached_members(guild_id, reason).await;
+                }
             }
         }
     }
@@ -464,6 +482,7 @@ impl ShardState {
     /// Stops everything tied to the current connection.
     fn teardown_connection(&mut self) {
         self.link = None;
+        self.authenticated = false;
         if let Some(timer) = self.guilds.timer.take() {
             timer.abort();
         }
@@ -509,9 +528,16 @@ impl ShardState {
         self.save().await;
     }
 
-    /// READY or RESUMED arrived: the reconnect backoff starts over.
+    /// READY or RESUMED arrived: the reconnect backoff starts over, and the member requests
+    /// still outstanding from an earlier connection go out on this one, each once its guild's
+    /// window allows.
     pub(crate) fn connected(&mut self) {
         self.attempt = 0;
+        self.authenticated = true;
+        let outstanding: Vec<u64> = self.outstanding.keys().copied().collect();
+        for guild_id in outstanding {
+            self.send_or_defer(guild_id, MemberRequestReason::Backfill);
+        }
     }
 
     /// Starts the stabilize hold after READY, for a shard holding a permit.
@@ -609,6 +635,27 @@ impl ShardState {
     }
 
     /// Queues an all-members request for a guild of this shard.
+    /// Requests a guild's members unless the guild is no longer cached. A sweep page, an
+    /// operator or a deferred request may name a guild the bot has left since; Discord would
+    /// ignore the request and the simulator counts it as a broken rule.
+    pub(crate) async fn request_cached_members(
+        &mut self,
+        guild_id: u64,
+        reason: MemberRequestReason,
+    ) {
+        let cached = self.args.store.member_count(guild_id).await;
+        if matches!(cached, Ok(None)) {
+            tracing::debug!(
+                shard = self.args.shard,
+                guild_id,
+                ?reason,
+                "member request for a guild no longer cached skipped"
+            );
+            return;
+        }
+        self.request_members(guild_id, reason);
+    }
+
     pub(crate) fn request_members(&mut self, guild_id: u64, reason: MemberRequestReason) {
         let owner = crate::gateway::shard_for_guild(guild_id, self.args.shard_count);
         if owner != self.args.shard {
@@ -631,32 +678,10 @@ impl ShardState {
         if self.outstanding.contains_key(&guild_id) {
             return;
         }
-        let now = Instant::now();
-        let window = self.args.member_request_window;
-        let since = self
-            .last_requested
-            .get(&guild_id)
-            .map(|at| now.duration_since(*at));
-        if let Some(since) = since.filter(|since| *since < window) {
-            if !self.deferred.contains_key(&guild_id) {
-                let wait = window - since + DEFER_MARGIN;
-                tracing::debug!(
-                    shard = self.args.shard,
-                    guild_id,
-                    ?reason,
-                    wait_ms = wait.as_millis() as u64,
-                    "members requested within the window; request deferred"
-                );
-                let actor = self.myself.clone();
-                let timer = tokio::spawn(async move {
-                    tokio::time::sleep(wait).await;
-                    let _ = actor.cast(ShardMsg::from(Event::DeferredMembers { guild_id, reason }));
-                });
-                self.deferred.insert(guild_id, timer);
-            }
+        if let Some(wait) = self.window_wait(guild_id) {
+            self.defer_member_request(guild_id, reason, wait);
             return;
         }
-        self.last_requested.insert(guild_id, now);
         self.nonce_counter += 1;
         let nonce = format!("{}.{}", self.args.shard, self.nonce_counter);
         self.outstanding.insert(guild_id, nonce);
@@ -669,15 +694,56 @@ impl ShardState {
         self.send_member_request(guild_id);
     }
 
-    /// Sends (again) the request of an outstanding guild, through the send limiter.
+    /// Returns how long a new request for a guild must wait for Discord's member request
+    /// window, timed from the last request written, or `None` if it may go now.
+    fn window_wait(&self, guild_id: u64) -> Option<Duration> {
+        let since = self.last_requested.get(&guild_id)?.elapsed();
+        let window = self.args.member_request_window;
+        (since < window).then(|| window - since + DEFER_MARGIN)
+    }
+
+    /// Sends a request again after `wait`, unless one for the guild is already deferred.
+    fn defer_member_request(&mut self, guild_id: u64, reason: MemberRequestReason, wait: Duration) {
+        if self.deferred.contains_key(&guild_id) {
+            return;
+        }
+        tracing::debug!(
+            shard = self.args.shard,
+            guild_id,
+            ?reason,
+            wait_ms = wait.as_millis() as u64,
+            "members requested within the window; request deferred"
+        );
+        let actor = self.myself.clone();
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let _ = actor.cast(ShardMsg::from(Event::DeferredMembers { guild_id, reason }));
+        });
+        self.deferred.insert(guild_id, timer);
+    }
+
+    /// Sends an outstanding request now, or once its guild's window has passed.
+    fn send_or_defer(&mut self, guild_id: u64, reason: MemberRequestReason) {
+        match self.window_wait(guild_id) {
+            Some(wait) => self.defer_member_request(guild_id, reason, wait),
+            None => self.send_member_request(guild_id),
+        }
+    }
+
+    /// Sends (again) the request of an outstanding guild, through the send limiter. Before READY
+    /// or RESUMED the request stays outstanding and goes out when the session is up.
     pub(crate) fn send_member_request(&self, guild_id: u64) {
+        if !self.authenticated {
+            return;
+        }
         let (Some(nonce), Some(link)) = (self.outstanding.get(&guild_id), &self.link) else {
             return;
         };
         let request = RequestGuildMembers::all_members(Snowflake(guild_id), Some(nonce.clone()));
-        let _ = link
-            .commands
-            .send(ClientPayload::RequestGuildMembers(request).encode());
+        let _ = link.commands.send(Command {
+            text: ClientPayload::RequestGuildMembers(request).encode(),
+            members_of: Some(guild_id),
+        });
     }
 
     /// Saves the session and the stage, once every event pushed so far is delivered.
@@ -760,8 +826,7 @@ impl ShardState {
 }
 
 /// Added to a deferred member request's wait. The gateway times its window from the arrival of
-/// the last request, which comes after the shard queued it by the send limiter's wait and the
-/// transit.
+/// the last request, which comes after the write that the shard records by the transit time.
 const DEFER_MARGIN: Duration = Duration::from_millis(500);
 
 /// How long a shard waits before looking a singleton up again after it was not running or
