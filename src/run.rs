@@ -164,7 +164,10 @@ impl Service {
         let cursor_memory = Arc::new(MemoryStore::new());
         let (sink, memory_sink, redis) = connect_sink(&config).await?;
         let max_concurrency = gateway.session_start_limit.max_concurrency.max(1);
-        let backends = Backends::connect(&config, &gateway, &cursor_memory).await?;
+        // Only the in-process backend needs to know: etcd keeps an earlier process's locks.
+        let restarted =
+            config.identify.etcd_endpoints.is_none() && ran_before(&config, store.as_ref()).await;
+        let backends = Backends::connect(&config, &gateway, &cursor_memory, restarted).await?;
         let args = supervisor_args(
             &config,
             token,
@@ -499,6 +502,24 @@ async fn connect_sink(
     ))
 }
 
+/// Returns whether the store contains a record of a shard of this process, which every shard saves
+/// before its first IDENTIFY. A store that cannot be read counts as holding one, so the start
+/// errs on the side of waiting.
+async fn ran_before(config: &Config, store: &dyn StateStore) -> bool {
+    let process = &config.process;
+    for shard in process.start..process.stop {
+        match store.load_shard(shard, &process.name).await {
+            Ok(Some(_)) => return true,
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(shard, %error, "failed to read the stored session");
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// The identify backend and the sweep cursor store selected by the configuration.
 struct Backends {
     identify: Arc<dyn IdentifyBackend>,
@@ -506,15 +527,29 @@ struct Backends {
 }
 
 impl Backends {
+    /// `restarted` is `true` when the state store contains records of this process's shards,
+    /// so an earlier process ran them.
     async fn connect(
         config: &Config,
         gateway: &GatewayBot,
         store: &Arc<MemoryStore>,
+        restarted: bool,
     ) -> Result<Self, RunError> {
         let budget = session_budget(config, gateway);
         let Some(endpoints) = &config.identify.etcd_endpoints else {
+            let mut identify = InProcessBackend::new(budget);
+            // The earlier process may have died right after an IDENTIFY, with its window still
+            // open at Discord. With etcd its bucket lock outlives it instead.
+            if restarted {
+                let quiet = config.identify.pacing + config.identify.grace;
+                tracing::info!(
+                    quiet_ms = quiet.as_millis() as u64,
+                    "an earlier process ran these shards: no IDENTIFY until its last window has passed"
+                );
+                identify = identify.quiet_for(quiet);
+            }
             return Ok(Self {
-                identify: Arc::new(InProcessBackend::new(budget)),
+                identify: Arc::new(identify),
                 cursors: store.clone(),
             });
         };

@@ -26,7 +26,7 @@ use shardvisor::config::{Config, Overrides};
 use shardvisor::run::Service;
 use shardvisor::sim::report::MemberRequestRecord;
 use shardvisor::sim::world::WorldConfig;
-use shardvisor::sim::{Fault, Report, SimConfig, Simulator, Target};
+use shardvisor::sim::{Fault, Report, SimConfig, Simulator, Target, ViolationKind};
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -1000,5 +1000,55 @@ async fn diverged_count_requests_members() {
         "the simulator saw broken rules: {violations:?}"
     );
     service.shutdown().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_identify_keeps_window() {
+    let db = TestDatabase::create().await;
+    let mut sim_settings = sim_config(TOKEN, 13, 16, 300, 0.0);
+    // READY comes late, so the first process dies with IDENTIFYs sent and no session saved,
+    // and its successor has to identify the same shards.
+    sim_settings.ready_delay = Duration::from_secs(2);
+    let sim = start_sim(sim_settings).await;
+    let dir: TempDir = tempfile::tempdir().expect("failed to create a temporary directory");
+    let config = dir.path().join("service.toml");
+    std::fs::write(&config, service_toml(&sim, &db, ""))
+        .expect("failed to write the service configuration");
+    let name = "pg-crash-identify";
+
+    let mut first = Process::spawn(&config, dir.path(), name, "first");
+    let sim_ref = &sim;
+    let identified = poll_until(STEADY_LIMIT, || async move {
+        sim_ref.report().accepted_identifies() > 0
+    })
+    .await;
+    assert!(
+        identified,
+        "the first process sent no IDENTIFY within {STEADY_LIMIT:?}\n{}",
+        first.stderr_tail()
+    );
+    first.kill().await;
+
+    let mut second = Process::spawn(&config, dir.path(), name, "second");
+    let summary = second.summary().await;
+    assert_eq!(
+        summary.get("ready").map(String::as_str),
+        Some("4"),
+        "the second process did not bring every shard up: {summary:?}\n{}",
+        second.stderr_tail()
+    );
+    let report = sim.report();
+    assert!(
+        report.accepted_identifies() > SHARDS as usize,
+        "the second process identified no shard, so the window after the crash is not tested"
+    );
+    assert_eq!(
+        report.violation_count(ViolationKind::IdentifyTooFast),
+        0,
+        "the second process identified inside a window the first one opened: {:?}",
+        report.violations
+    );
+    second.terminate().await;
     sim.shutdown().await;
 }

@@ -85,6 +85,9 @@ pub trait IdentifyBackend: Send + Sync + 'static {
 #[derive(Debug)]
 pub struct InProcessBackend {
     budget: Mutex<LocalBudget>,
+    /// No lock is granted before this: an earlier process of the same shards may have sent an
+    /// IDENTIFY whose window is still open, and this process cannot know when.
+    quiet_until: Option<tokio::time::Instant>,
 }
 
 #[derive(Debug)]
@@ -101,7 +104,16 @@ impl InProcessBackend {
                 resets_at: Instant::now() + budget.reset_after,
                 budget,
             }),
+            quiet_until: None,
         }
+    }
+
+    /// Grants no lock until `quiet` has passed from now. A process that starts after another
+    /// one of the same shards stopped, possibly by a crash right after an IDENTIFY, waits out
+    /// the window that IDENTIFY may have opened.
+    pub fn quiet_for(mut self, quiet: Duration) -> Self {
+        self.quiet_until = Some(tokio::time::Instant::now() + quiet);
+        self
     }
 
     /// Creates a backend with Discord's default budget (1000 starts) and no reserve, for tests.
@@ -122,6 +134,9 @@ impl IdentifyBackend for InProcessBackend {
     }
 
     async fn acquire(&self, bucket: u32, _hold: Duration) -> Result<BackendLock, PortError> {
+        if let Some(until) = self.quiet_until {
+            tokio::time::sleep_until(until).await;
+        }
         Ok(BackendLock { bucket, handle: 0 })
     }
 
@@ -152,6 +167,18 @@ impl IdentifyBackend for InProcessBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn quiet_backend_grants_after_quiet() {
+        let quiet = Duration::from_millis(5250);
+        let backend = InProcessBackend::unlimited().quiet_for(quiet);
+        let started = tokio::time::Instant::now();
+        backend.acquire(3, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(started.elapsed(), quiet);
+        // Only the start is quiet.
+        backend.acquire(3, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(started.elapsed(), quiet);
+    }
 
     #[tokio::test]
     async fn budget_stops_at_reserve() {
