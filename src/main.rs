@@ -4,7 +4,7 @@ use clap::Parser;
 use shardvisor::cli::{Cli, Command, LogFormat, RunArgs, SimArgs};
 use shardvisor::config::{Config, Overrides};
 use shardvisor::logging;
-use shardvisor::run::Service;
+use shardvisor::run::{print_line, Service};
 use shardvisor::sim::Simulator;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -85,10 +85,10 @@ async fn run_service(args: RunArgs, log_format: Option<LogFormat>) -> ExitCode {
         service.shutdown().await;
         return ExitCode::from(EXIT_UNSTABLE);
     };
-    println!("{}", summary.line());
+    print_line(&summary.line());
 
     if !args.exit_when_stable {
-        println!("serving; press Ctrl-C to save every session and stop");
+        print_line("serving; press Ctrl-C to save every session and stop");
         stop.wait().await;
     }
     service.shutdown().await;
@@ -142,7 +142,7 @@ async fn run_simulator(args: SimArgs) -> ExitCode {
             );
         }
     }
-    println!("{json}");
+    print_line(&json);
     ExitCode::SUCCESS
 }
 

@@ -221,7 +221,7 @@ impl Service {
                 break;
             }
             if last_print.elapsed() >= PROGRESS_EVERY {
-                println!("{}", counts.progress_line(self.started.elapsed()));
+                print_line(&counts.progress_line(self.started.elapsed()));
                 last_print = Instant::now();
             }
             wait_for_any_change(&stages, PROGRESS_EVERY).await;
@@ -282,6 +282,14 @@ impl Service {
             simulator.shutdown().await;
         }
     }
+}
+
+/// Writes one line to standard output. A closed or failing standard output (a log pipe that
+/// died) must not stop the service, so the error is dropped, unlike `println!`, which panics.
+pub fn print_line(line: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
 }
 
 /// Stage counts across the range.
