@@ -357,7 +357,7 @@ async fn log_health(stages: Vec<(u32, watch::Receiver<ShardStage>)>, interval: D
             .iter()
             .filter(|(_, stage)| !stage.borrow().is_steady())
             .count();
-        tracing::info!(unstable, total, "unstable={unstable} total={total}");
+        tracing::info!("unstable={unstable} total={total}");
     }
 }
 

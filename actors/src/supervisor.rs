@@ -469,15 +469,31 @@ impl SupervisorState {
             let result = actor
                 .call(ShardMsg::Shutdown, Some(Duration::from_secs(10)))
                 .await;
-            if !matches!(result, Ok(CallResult::Success(()))) {
-                tracing::warn!(shard, "shard did not confirm its shutdown in time");
+            match result {
+                Ok(CallResult::Success(saved)) => saved,
+                _ => {
+                    tracing::warn!(shard, "shard did not confirm its shutdown in time");
+                    false
+                }
             }
         });
-        futures_util::future::join_all(calls).await;
-        tracing::info!(
-            shards = actors.len(),
-            "every session saved and closed with a resumable code"
-        );
+        let saved = futures_util::future::join_all(calls)
+            .await
+            .into_iter()
+            .filter(|saved| *saved)
+            .count();
+        if saved == actors.len() {
+            tracing::info!(
+                shards = actors.len(),
+                "every session saved and closed with a resumable code"
+            );
+        } else {
+            tracing::warn!(
+                shards = actors.len(),
+                saved,
+                "sessions closed with a resumable code, some not saved: the next process resumes them from their last saved sequence, and the gateway replays the rest"
+            );
+        }
 
         // The last IDENTIFYs may still hold their buckets for the pacing window; the
         // coordinator releases them when it ends, so no bucket stays locked after this process.

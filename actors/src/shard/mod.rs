@@ -122,9 +122,9 @@ pub enum ShardMsg {
     },
     /// Report the shard's status.
     Status(RpcReplyPort<ShardStatus>),
-    /// Save the session and close with a resumable code, then reply. The actor stays parked
-    /// until it is stopped.
-    Shutdown(RpcReplyPort<()>),
+    /// Save the session and close with a resumable code, then reply whether the session was
+    /// saved. The actor stays parked until it is stopped.
+    Shutdown(RpcReplyPort<bool>),
     /// Connection events and timers; sent by the actor's own tasks only.
     Event(ShardEvent),
 }
@@ -227,8 +227,8 @@ impl Actor for ShardActor {
                 let _ = reply.send(state.status());
             }
             ShardMsg::Shutdown(reply) => {
-                state.shutdown().await;
-                let _ = reply.send(());
+                let saved = state.shutdown().await;
+                let _ = reply.send(saved);
             }
             ShardMsg::Event(ShardEvent(event)) => state.on_event(event).await,
         }

@@ -762,11 +762,12 @@ impl ShardState {
         });
     }
 
-    /// Saves the session and the stage, once every event pushed so far is delivered.
-    pub(crate) async fn save(&mut self) {
+    /// Saves the session and the stage, once every event pushed so far is delivered. Returns
+    /// whether the record was saved.
+    pub(crate) async fn save(&mut self) -> bool {
         if let Err(error) = self.args.sink.flush().await {
             tracing::warn!(shard = self.args.shard, %error, "event sink not flushed; the session is saved with the next save");
-            return;
+            return false;
         }
         let record = ShardRecord {
             shard: self.args.shard,
@@ -777,9 +778,13 @@ impl ShardState {
             status: self.stage.name().to_owned(),
         };
         match self.args.store.save_shard(&record).await {
-            Ok(()) => self.unsaved = 0,
+            Ok(()) => {
+                self.unsaved = 0;
+                true
+            }
             Err(error) => {
                 tracing::warn!(shard = self.args.shard, %error, "failed to save the shard session; retrying with the next save");
+                false
             }
         }
     }
@@ -805,11 +810,12 @@ impl ShardState {
 
     /// Graceful shutdown: save the session and close with a resumable code, so that the next
     /// process resumes instead of identifying.
-    pub(crate) async fn shutdown(&mut self) {
+    /// Returns whether the session was saved.
+    pub(crate) async fn shutdown(&mut self) -> bool {
         self.parked = true;
         self.close_link(CloseCode::RESUMABLE_CLIENT_CLOSE);
         self.stop_tasks();
-        self.save().await;
+        self.save().await
     }
 
     /// Stops every task and timer of this incarnation.
