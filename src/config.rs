@@ -910,13 +910,8 @@ impl Reader<'_> {
             "drop" => Overflow::Drop,
             _ => Overflow::Wait,
         };
-        if sink != "redis" {
-            return EventsConfig {
-                whitelist,
-                redis: None,
-            };
-        }
-
+        // An invalid value is an error even while the in-memory sink makes it unused, so that
+        // switching the sink later does not reveal it.
         let targets = match parse_multi_redis(&multi_redis) {
             Ok(targets) if targets.is_empty() => vec![TargetOptions::new(&redis_url)],
             Ok(targets) => targets,
@@ -925,6 +920,12 @@ impl Reader<'_> {
                 Vec::new()
             }
         };
+        if sink != "redis" {
+            return EventsConfig {
+                whitelist,
+                redis: None,
+            };
+        }
         EventsConfig {
             whitelist,
             redis: Some(RedisOutput {
@@ -1163,6 +1164,13 @@ mod tests {
         assert!(keys.contains(&"process.token_file"), "{keys:?}");
         let pacing = keys.iter().filter(|key| **key == "identify.pacing").count();
         assert_eq!(pacing, 1, "{errors:?}");
+    }
+
+    #[test]
+    fn bad_multi_redis_reported_with_memory_sink() {
+        let errors = load(None, &[("MULTI_REDIS", "not json")]).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].key, "events.multi_redis", "{errors:?}");
     }
 
     #[test]

@@ -136,6 +136,7 @@ impl Service {
     /// fails or the tree cannot be spawned.
     pub async fn start(config: Config) -> Result<Self, RunError> {
         let started = Instant::now();
+        warn_unknown_events(&config);
         let (token, simulator) = match &config.gateway.api {
             None => {
                 let token = read_token(&config)?.unwrap_or_else(|| {
@@ -508,6 +509,32 @@ async fn connect_sink(
         None,
         Some(sink),
     ))
+}
+
+/// Logs a warning for each whitelisted event name that is not a Discord gateway event this
+/// version knows: most likely a typo, which would keep that event from ever being pushed.
+fn warn_unknown_events(config: &Config) {
+    let global = config
+        .events
+        .whitelist
+        .iter()
+        .map(|name| ("events.whitelist", name));
+    let targets = config
+        .events
+        .redis
+        .iter()
+        .flat_map(|redis| &redis.targets)
+        .flat_map(|target| target.whitelist.iter().flatten())
+        .map(|name| ("events.multi_redis", name));
+    for (key, name) in global.chain(targets) {
+        if !actors::gateway::events::is_known_event(name) {
+            tracing::warn!(
+                key,
+                event = %name,
+                "not a gateway event name this version knows; check the spelling, or ignore this for an event Discord added recently"
+            );
+        }
+    }
 }
 
 /// Returns whether the store contains a record of a shard of this process, which every shard saves

@@ -11,6 +11,7 @@
 
 pub mod close;
 pub mod compression;
+pub mod events;
 pub mod intents;
 pub mod opcode;
 pub mod payload;
