@@ -1,7 +1,7 @@
 //! The names of the dispatch events Discord's gateway sends (API v10).
 
-/// Every dispatch event name of gateway API v10 that Discord documents, plus `RATE_LIMITED`.
-/// Discord adds events over time, so a name missing here is reported as a warning, not an error.
+/// The dispatch event names of gateway API v10 that Discord documents. Discord adds events over
+/// time, so a name missing here is reported as a warning, not an error.
 pub const DISPATCH_EVENTS: &[&str] = &[
     "READY",
     "RESUMED",
@@ -81,7 +81,7 @@ pub const DISPATCH_EVENTS: &[&str] = &[
     "RATE_LIMITED",
 ];
 
-/// Returns whether `name` is a dispatch event this version knows.
+/// Returns whether `name` is in [`DISPATCH_EVENTS`].
 pub fn is_known_event(name: &str) -> bool {
     DISPATCH_EVENTS.contains(&name)
 }
