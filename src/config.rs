@@ -82,6 +82,8 @@ enum LegacyForm {
     CommaList,
     /// Verbatim text, for a string key whose value is itself structured (JSON).
     Text,
+    /// `true`, `false`, `1`, `0`, `yes`, `no`, `on` or `off`, in any case, for a boolean key.
+    Boolean,
 }
 
 /// One known key: its path and the variable of the replaced service that also sets it.
@@ -152,7 +154,11 @@ const KEYS: &[KeySpec] = &[
         "BACKFILL_DIVERGENCE_RATIO",
         LegacyForm::Same,
     ),
-    legacy("sweep.enabled", "BACKFILL_SWEEP_ENABLED", LegacyForm::Same),
+    legacy(
+        "sweep.enabled",
+        "BACKFILL_SWEEP_ENABLED",
+        LegacyForm::Boolean,
+    ),
     legacy("sweep.batch", "BACKFILL_SWEEP_BATCH", LegacyForm::Same),
     legacy(
         "sweep.requests_per_second",
@@ -398,7 +404,14 @@ impl Config {
                     key: "--config".to_owned(),
                     value: path.to_owned(),
                     source: Source::File(path.to_owned()),
-                    fix: format!("the file is not valid TOML: {}", error.message()),
+                    fix: format!(
+                        "the file is not valid TOML{}: {}",
+                        error
+                            .span()
+                            .map(|span| position(text, span.start))
+                            .unwrap_or_default(),
+                        error.message()
+                    ),
                 }),
             }
         }
@@ -468,7 +481,13 @@ impl Values {
                             key: spec.path.to_owned(),
                             value: text.clone(),
                             source: Source::Env(name.to_owned()),
-                            fix: "write a number of seconds, such as 10 or 0.5".to_owned(),
+                            fix: match form {
+                                LegacyForm::Boolean => {
+                                    "write true or false (1, 0, yes and no work too)"
+                                }
+                                _ => "write a number of seconds, such as 10 or 0.5",
+                            }
+                            .to_owned(),
                         }),
                     }
                 }
@@ -541,8 +560,21 @@ fn env_value(text: &str) -> Value {
     }
 }
 
+/// Returns " at line L, column C" for a byte offset into `text`.
+fn position(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.chars().rev().take_while(|c| *c != '\n').count() + 1;
+    format!(" at line {line}, column {column}")
+}
+
 fn legacy_value(text: &str, form: LegacyForm) -> Option<Value> {
     match form {
+        LegacyForm::Boolean => match text.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Some(Value::Boolean(true)),
+            "false" | "0" | "no" | "off" => Some(Value::Boolean(false)),
+            _ => None,
+        },
         LegacyForm::Same => Some(env_value(text)),
         LegacyForm::Seconds => {
             let seconds: f64 = text.trim().parse().ok()?;
@@ -580,6 +612,13 @@ impl Reader<'_> {
             source,
             fix: fix.into(),
         });
+    }
+
+    fn source(&self, path: &str) -> Source {
+        self.values
+            .entries
+            .get(path)
+            .map_or(Source::Defaults, |(_, source)| source.clone())
     }
 
     fn value(&self, path: &str) -> Option<&Value> {
@@ -718,7 +757,14 @@ impl Reader<'_> {
         };
         self.choice("stabilize.mode", &["fixed"]);
         if stabilize.max_hold < stabilize.hold {
-            self.fail("stabilize.max_hold", "use at least stabilize.hold");
+            let source = self.source("stabilize.hold");
+            self.fail(
+                "stabilize.max_hold",
+                format!(
+                    "use at least stabilize.hold, which is {} from {source}; raise both together (IDENTIFY_STABILIZE_SECONDS_MAX with IDENTIFY_STABILIZE_SECONDS)",
+                    humantime::format_duration(stabilize.hold)
+                ),
+            );
         }
         let backfill = BackfillConfig {
             request_members: self.boolean("backfill.request_members"),
@@ -782,26 +828,32 @@ impl Reader<'_> {
     }
 
     fn read_process(&mut self) -> ProcessConfig {
+        let errors_before = self.errors.len();
         let name = self.string("process.name");
-        if name.is_empty() || name.contains('/') {
+        if self.errors.len() == errors_before && (name.is_empty() || name.contains('/')) {
             self.fail("process.name", "use a non-empty name without '/'");
         }
+        let errors_before = self.errors.len();
         let shards = self.u32("process.shards", 1);
         let start = self.u32("process.start", 0);
         let stop = match self.u32("process.stop", 0) {
             0 => shards,
             stop => stop,
         };
-        if start >= shards {
-            self.fail(
-                "process.start",
-                format!("use a shard below process.shards ({shards})"),
-            );
-        } else if start >= stop || stop > shards {
-            self.fail(
-                "process.stop",
-                format!("the range {start}..{stop} must satisfy start < stop <= shards ({shards})"),
-            );
+        // The range is checked only against valid numbers, each bound on its own.
+        if self.errors.len() == errors_before {
+            if start >= shards {
+                self.fail(
+                    "process.start",
+                    format!("use a shard below process.shards ({shards})"),
+                );
+            }
+            if stop > shards || (start < shards && stop <= start) {
+                self.fail(
+                    "process.stop",
+                    format!("the range {start}..{stop} must satisfy start < stop <= shards ({shards}); 0 means up to shards"),
+                );
+            }
         }
         let token_file = self.string("process.token_file");
         if !token_file.is_empty() {
@@ -842,7 +894,7 @@ impl Reader<'_> {
             _ => {
                 self.fail(
                     "gateway.api",
-                    "use \"simulator\" or an HTTP API base such as \"https://discord.com/api/v10\"",
+                    "use \"simulator\" or the API base of a plain-HTTP gateway, such as \"http://127.0.0.1:7878/api/v10\" for `shardvisor sim` (https is not supported yet)",
                 );
                 None
             }
@@ -1164,6 +1216,51 @@ mod tests {
         assert!(keys.contains(&"process.token_file"), "{keys:?}");
         let pacing = keys.iter().filter(|key| **key == "identify.pacing").count();
         assert_eq!(pacing, 1, "{errors:?}");
+    }
+
+    #[test]
+    fn range_errors_name_each_bound() {
+        let keys = |file: &str| -> Vec<String> {
+            load(Some(file), &[])
+                .unwrap_err()
+                .0
+                .into_iter()
+                .map(|error| error.key)
+                .collect()
+        };
+        assert_eq!(
+            keys("[process]\nshards = 0\nstart = 5\nstop = 3"),
+            ["process.shards"]
+        );
+        assert_eq!(
+            keys("[process]\nshards = 8\nstart = 5\nstop = 3"),
+            ["process.stop"]
+        );
+        assert_eq!(keys("[process]\nshards = 8\nstop = 9"), ["process.stop"]);
+        assert_eq!(keys("[process]\nname = 5"), ["process.name"]);
+    }
+
+    #[test]
+    fn legacy_boolean_takes_numbers() {
+        for (text, expected) in [("0", false), ("1", true), ("Yes", true), ("false", false)] {
+            let config = load(None, &[("BACKFILL_SWEEP_ENABLED", text)]).unwrap();
+            assert_eq!(
+                config.sweep.enabled, expected,
+                "BACKFILL_SWEEP_ENABLED={text}"
+            );
+        }
+        let errors = load(None, &[("BACKFILL_SWEEP_ENABLED", "maybe")])
+            .unwrap_err()
+            .0;
+        assert!(errors[0].fix.contains("true or false"), "{errors:?}");
+    }
+
+    #[test]
+    fn toml_error_names_line() {
+        let errors = load(Some("[process]\nshards = 4\nname = \"unclosed\n"), &[])
+            .unwrap_err()
+            .0;
+        assert!(errors[0].fix.contains("at line 3"), "{errors:?}");
     }
 
     #[test]

@@ -10,6 +10,9 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// Exit status for a usage or configuration error (EX_USAGE of sysexits.h).
 const EXIT_USAGE: u8 = 64;
+/// A gateway, database or server the configuration names could not be reached (sysexits'
+/// EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: u8 = 69;
 
 /// Exit status for a run that did not come up cleanly.
 const EXIT_UNSTABLE: u8 = 1;
@@ -72,7 +75,12 @@ async fn run_service(args: RunArgs, log_format: Option<LogFormat>) -> ExitCode {
         Ok(service) => service,
         Err(error) => {
             eprintln!("error: {error}");
-            return ExitCode::from(EXIT_USAGE);
+            let code = if error.is_usage() {
+                EXIT_USAGE
+            } else {
+                EXIT_UNAVAILABLE
+            };
+            return ExitCode::from(code);
         }
     };
     // A stop signal during the start is honoured too: the sessions already made are saved.

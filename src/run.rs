@@ -60,6 +60,14 @@ pub enum RunError {
     },
 }
 
+impl RunError {
+    /// Returns whether the configuration is at fault (exit status 64), rather than a service
+    /// that could not be reached or started (exit status 69).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::MissingToken | Self::TokenFile { .. })
+    }
+}
+
 /// The outcome of a run, as the summary line prints it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Summary {
@@ -428,13 +436,13 @@ async fn fetch_gateway_bot(api: &str, token: &Token) -> Result<GatewayBot, RunEr
         .timeout(Duration::from_secs(15))
         .send()
         .await
-        .map_err(|e| error(e.to_string()))?;
+        .map_err(|e| error(error_chain(&e)))?;
     let status = response.status();
     if !status.is_success() {
-        let hint = if status.as_u16() == 401 {
-            "; the token was rejected: check SHARDVISOR_TOKEN"
-        } else {
-            ""
+        let hint = match status.as_u16() {
+            401 => "; the token was rejected: check SHARDVISOR_TOKEN",
+            404 => "; gateway.api must be the API base (ending in /api/v10), without /gateway/bot",
+            _ => "",
         };
         return Err(error(format!("HTTP {status}{hint}")));
     }
@@ -442,6 +450,19 @@ async fn fetch_gateway_bot(api: &str, token: &Token) -> Result<GatewayBot, RunEr
         .json::<GatewayBot>()
         .await
         .map_err(|e| error(format!("invalid response: {e}")))
+}
+
+/// Returns an error with its causes, as "error: cause: cause". reqwest's own message names only
+/// the request, not why it failed (connection refused, DNS, timeout).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The configured guild-state cache, as the shards use it and as the concrete store.

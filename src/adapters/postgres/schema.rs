@@ -253,6 +253,11 @@ pub(super) async fn apply_schema(client: &mut Client) -> Result<(), PostgresErro
         .execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
         .await
         .map_err(query("locking the schema"))?;
+    // `CREATE … IF NOT EXISTS` sends a NOTICE for each table that exists, at every start.
+    transaction
+        .batch_execute("SET LOCAL client_min_messages = warning")
+        .await
+        .map_err(query("quieting the schema notices"))?;
     transaction
         .batch_execute(TABLES)
         .await
