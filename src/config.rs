@@ -174,6 +174,7 @@ const KEYS: &[KeySpec] = &[
     key("events.redis_url"),
     legacy("events.multi_redis", "MULTI_REDIS", LegacyForm::Text),
     key("events.buffer_events"),
+    key("events.key_prefix"),
     key("events.overflow"),
     legacy(
         "events.whitelist",
@@ -294,6 +295,8 @@ pub struct RedisOutput {
     pub targets: Vec<crate::adapters::redis::TargetOptions>,
     pub buffer_events: usize,
     pub overflow: crate::adapters::redis::Overflow,
+    /// Prepended to the event name to make the list key.
+    pub key_prefix: String,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -958,6 +961,7 @@ impl Reader<'_> {
         let redis_url = self.string("events.redis_url");
         let multi_redis = self.string("events.multi_redis");
         let buffer_events = self.integer("events.buffer_events", 1, i64::from(u32::MAX)) as usize;
+        let key_prefix = self.string("events.key_prefix");
         let overflow = match self.choice("events.overflow", &["wait", "drop"]).as_str() {
             "drop" => Overflow::Drop,
             _ => Overflow::Wait,
@@ -984,6 +988,7 @@ impl Reader<'_> {
                 targets,
                 buffer_events,
                 overflow,
+                key_prefix,
             }),
         }
     }
@@ -1261,6 +1266,17 @@ mod tests {
             .unwrap_err()
             .0;
         assert!(errors[0].fix.contains("at line 3"), "{errors:?}");
+    }
+
+    #[test]
+    fn key_prefix_reaches_redis_output() {
+        let config = load(
+            Some("[events]\nsink = \"redis\""),
+            &[("SHARDVISOR_EVENTS_KEY_PREFIX", "bot2:events:")],
+        )
+        .unwrap();
+        let redis = config.events.redis.expect("the Redis output is configured");
+        assert_eq!(redis.key_prefix, "bot2:events:");
     }
 
     #[test]

@@ -515,6 +515,7 @@ async fn connect_sink(
         whitelist: config.events.whitelist.clone(),
         buffer_events: redis.buffer_events,
         overflow: redis.overflow,
+        key_prefix: redis.key_prefix.clone(),
         ..RedisSinkOptions::default()
     };
     let sink = RedisSink::connect(options)
