@@ -311,6 +311,7 @@ struct StageCounts {
     waiting_permit: u32,
     waiting_lease: u32,
     identifying: u32,
+    resuming: u32,
     streaming: u32,
 }
 
@@ -325,7 +326,8 @@ impl StageCounts {
                 ShardStage::Connecting | ShardStage::Reconnecting { .. } => counts.connecting += 1,
                 ShardStage::WaitingForPermit => counts.waiting_permit += 1,
                 ShardStage::WaitingForLease { .. } => counts.waiting_lease += 1,
-                ShardStage::Identifying | ShardStage::Resuming => counts.identifying += 1,
+                ShardStage::Identifying => counts.identifying += 1,
+                ShardStage::Resuming => counts.resuming += 1,
                 ShardStage::StreamingGuilds { .. } | ShardStage::Stabilizing => {
                     counts.streaming += 1
                 }
@@ -340,12 +342,13 @@ impl StageCounts {
 
     fn progress_line(&self, elapsed: Duration) -> String {
         format!(
-            "progress elapsed_s={:.0} steady={}/{} streaming={} identifying={} waiting_lease={} waiting_permit={} connecting={} failed={}",
+            "progress elapsed_s={:.0} steady={}/{} streaming={} identifying={} resuming={} waiting_lease={} waiting_permit={} connecting={} failed={}",
             elapsed.as_secs_f64(),
             self.steady,
             self.total,
             self.streaming,
             self.identifying,
+            self.resuming,
             self.waiting_lease,
             self.waiting_permit,
             self.connecting,
