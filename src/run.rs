@@ -169,14 +169,18 @@ impl Service {
         );
 
         let (store, memory_store, postgres) = connect_store(&config).await?;
-        // Sweep cursors live in etcd with the etcd backend, and in memory otherwise.
-        let cursor_memory = Arc::new(MemoryStore::new());
+        // Sweep cursors live in etcd with the etcd backend, else in PostgreSQL when it is the
+        // store, else in memory.
+        let local_cursors: Arc<dyn CursorStore> = match &postgres {
+            Some(postgres) => postgres.clone(),
+            None => Arc::new(MemoryStore::new()),
+        };
         let (sink, memory_sink, redis) = connect_sink(&config).await?;
         let max_concurrency = gateway.session_start_limit.max_concurrency.max(1);
         // Only the in-process backend needs to know: etcd keeps an earlier process's locks.
         let restarted =
             config.identify.etcd_endpoints.is_none() && ran_before(&config, store.as_ref()).await;
-        let backends = Backends::connect(&config, &gateway, &cursor_memory, restarted).await?;
+        let backends = Backends::connect(&config, &gateway, local_cursors, restarted).await?;
         let args = supervisor_args(
             &config,
             token,
@@ -589,10 +593,11 @@ struct Backends {
 impl Backends {
     /// `restarted` is `true` when the state store contains records of this process's shards,
     /// so an earlier process ran them.
+    /// `local_cursors` keeps the sweep cursors unless etcd does.
     async fn connect(
         config: &Config,
         gateway: &GatewayBot,
-        store: &Arc<MemoryStore>,
+        local_cursors: Arc<dyn CursorStore>,
         restarted: bool,
     ) -> Result<Self, RunError> {
         let budget = session_budget(config, gateway);
@@ -610,7 +615,7 @@ impl Backends {
             }
             return Ok(Self {
                 identify: Arc::new(identify),
-                cursors: store.clone(),
+                cursors: local_cursors,
             });
         };
 

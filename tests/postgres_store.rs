@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::store::{Applied, CacheTotals, PortError, ShardRecord, StateStore};
+use actors::store::{Applied, CacheTotals, CursorStore, PortError, ShardRecord, StateStore};
 use postgres_server::{PrivateCluster, TestDatabase};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -1443,4 +1443,25 @@ async fn postgres_restart_and_crash_mid_stream() {
     );
     assert_eq!(store.member_count(1).await.unwrap(), Some(last));
     assert_counts_exact(&store, &verify, "after the outages").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_cursor_survives_restart() {
+    let db = TestDatabase::create().await;
+    let store = connect(options(db.url())).await;
+    assert_eq!(store.load_cursor("bot-a").await.unwrap(), None);
+    store.save_cursor("bot-a", 41).await.unwrap();
+    store.save_cursor("bot-a", 1_234_567_890_123).await.unwrap();
+    store.save_cursor("bot-b", 7).await.unwrap();
+    store.close().await;
+
+    let store = connect(options(db.url())).await;
+    assert_eq!(
+        store.load_cursor("bot-a").await.unwrap(),
+        Some(1_234_567_890_123)
+    );
+    assert_eq!(store.load_cursor("bot-b").await.unwrap(), Some(7));
+    let too_large = store.save_cursor("bot-a", u64::MAX).await;
+    assert!(too_large.is_err(), "a cursor beyond int8 was accepted");
+    store.close().await;
 }

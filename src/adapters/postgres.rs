@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::store::{Applied, CacheTotals, PortError, ShardRecord, StateStore};
+use actors::store::{Applied, CacheTotals, CursorStore, PortError, ShardRecord, StateStore};
 use async_trait::async_trait;
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -377,6 +377,35 @@ impl StateStore for PostgresStore {
             guilds: self.mirror.guild_count(),
             members: self.mirror.member_total(),
         })
+    }
+}
+
+/// Sweep cursors in the `sweep_cursors` table, so a restarted process goes on where its Sweeper
+/// stopped. They are written on the read connection: a cursor needs no batching.
+#[async_trait]
+impl CursorStore for PostgresStore {
+    async fn load_cursor(&self, name: &str) -> Result<Option<u64>, PortError> {
+        let rows = self
+            .reader
+            .query("SELECT cursor FROM sweep_cursors WHERE name = $1", &[&name])
+            .await?;
+        Ok(rows.first().map(|row| row.get::<_, i64>(0).max(0) as u64))
+    }
+
+    async fn save_cursor(&self, name: &str, cursor: u64) -> Result<(), PortError> {
+        let cursor = i64::try_from(cursor).map_err(|_| PortError::InvalidEvent {
+            event: "sweep cursor".to_owned(),
+            guild: None,
+            reason: format!("cursor {cursor} does not fit the int8 column of sweep_cursors"),
+        })?;
+        self.reader
+            .query(
+                "INSERT INTO sweep_cursors (name, cursor) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET cursor = excluded.cursor",
+                &[&name, &cursor],
+            )
+            .await?;
+        Ok(())
     }
 }
 

@@ -159,6 +159,10 @@ CREATE TABLE IF NOT EXISTS shards (
     PRIMARY KEY (id, name)
 );
 ALTER TABLE shards ADD COLUMN IF NOT EXISTS status text NOT NULL DEFAULT '';
+CREATE TABLE IF NOT EXISTS sweep_cursors (
+    name text PRIMARY KEY,
+    cursor int8 NOT NULL
+);
 ALTER TABLE shards ADD COLUMN IF NOT EXISTS resume_url text;
 ";
 
