@@ -443,7 +443,7 @@ async fn fetch_gateway_bot(api: &str, token: &Token) -> Result<GatewayBot, RunEr
         .timeout(Duration::from_secs(15))
         .send()
         .await
-        .map_err(|e| error(error_chain(&e)))?;
+        .map_err(|e| error(crate::adapters::error_chain(&e)))?;
     let status = response.status();
     if !status.is_success() {
         let hint = match status.as_u16() {
@@ -457,19 +457,6 @@ async fn fetch_gateway_bot(api: &str, token: &Token) -> Result<GatewayBot, RunEr
         .json::<GatewayBot>()
         .await
         .map_err(|e| error(format!("invalid response: {e}")))
-}
-
-/// Returns an error with its causes, as "error: cause: cause". reqwest's own message names only
-/// the request, not why it failed (connection refused, DNS, timeout).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The configured guild-state cache, as the shards use it and as the concrete store.

@@ -182,10 +182,13 @@ impl Actor for StabilizeGate {
             }
             GateMsg::MaxHoldElapsed { permit } => {
                 if let Some(held) = state.held.get(&permit) {
+                    // The maximum hold runs from READY; `held_ms` from the grant, which also
+                    // covers the wait for the identify lease.
                     tracing::info!(
                         shard = held.shard,
                         held_ms = held.since.elapsed().as_millis() as u64,
-                        "stabilize permit taken back after the maximum hold"
+                        max_hold_ms = state.args.max_hold.as_millis() as u64,
+                        "stabilize permit taken back: the maximum hold after READY passed"
                     );
                     state.expired += 1;
                     state.release(permit);

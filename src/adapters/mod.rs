@@ -12,3 +12,15 @@ pub mod etcd;
 pub mod memory;
 pub mod postgres;
 pub mod redis;
+
+/// Formats an error with its sources, as in `db error: ERROR: relation "x" does not exist`.
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(error) = source {
+        text.push_str(": ");
+        text.push_str(&error.to_string());
+        source = error.source();
+    }
+    text
+}

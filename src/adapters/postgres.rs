@@ -29,6 +29,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub(crate) use super::error_chain;
 use actors::store::{Applied, CacheTotals, CursorStore, PortError, ShardRecord, StateStore};
 use async_trait::async_trait;
 use serde_json::value::RawValue;
@@ -108,7 +109,7 @@ pub enum PostgresError {
         value: String,
         reason: &'static str,
     },
-    #[error("failed to connect to PostgreSQL: {}", error_chain(.0))]
+    #[error("failed to connect to PostgreSQL: {}{}", error_chain(.0), connect_hint(.0))]
     Connect(#[source] tokio_postgres::Error),
     #[error(
         "the database encoding is {encoding}, but the cache stores any Unicode text; \
@@ -125,16 +126,18 @@ pub enum PostgresError {
     WriterStopped,
 }
 
-/// Formats an error with its sources, as in `db error: ERROR: relation "x" does not exist`.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(error) = source {
-        text.push_str(": ");
-        text.push_str(&error.to_string());
-        source = error.source();
+/// Returns what to do about a connection error the operator can fix, or nothing.
+fn connect_hint(error: &tokio_postgres::Error) -> &'static str {
+    match error.code() {
+        Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME) => {
+            "; create the database first (createdb NAME) or fix store.postgres_url"
+        }
+        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD)
+        | Some(&tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION) => {
+            "; check the user and password in store.postgres_url"
+        }
+        _ => "",
     }
-    text
 }
 
 impl From<PostgresError> for PortError {

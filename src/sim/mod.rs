@@ -303,16 +303,27 @@ impl Simulator {
 
     /// Stops serving: closes every connection without a close frame and ends every task.
     /// Returns the final report.
-    pub async fn shutdown(self) -> Report {
+    pub async fn shutdown(mut self) -> Report {
         self.shared.shutdown.cancel();
         self.shared.send_to(Target::All, || Outgoing::Drop);
         lock(&self.resume).refuse();
         let report = self.report();
-        for task in self.tasks {
+        for task in std::mem::take(&mut self.tasks) {
             task.abort();
             let _ = task.await;
         }
         report
+    }
+}
+
+impl Drop for Simulator {
+    /// A simulator dropped without [`Simulator::shutdown`] (a failed start, a panicking test)
+    /// stops its tasks too, rather than leaving them to fail on closed sockets.
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
