@@ -317,8 +317,8 @@ impl Simulator {
 }
 
 impl Drop for Simulator {
-    /// A simulator dropped without [`Simulator::shutdown`] (a failed start, a panicking test)
-    /// stops its tasks too, rather than leaving them to fail on closed sockets.
+    /// Stops the tasks of a simulator dropped without [`Simulator::shutdown`] (a failed start,
+    /// a panicking test), rather than leaving them to fail on closed sockets.
     fn drop(&mut self) {
         self.shared.shutdown.cancel();
         for task in &self.tasks {
