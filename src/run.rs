@@ -12,7 +12,7 @@ use actors::gateway::payload::GatewayBot;
 use actors::gateway::Token;
 use actors::names;
 use actors::shard::{ShardArgs, ShardStage, StabilizeMode};
-use actors::store::{CursorStore, EventSink, StateStore};
+use actors::store::{CursorStore, EventSink, ShardRecord, StateStore};
 use actors::supervisor::{RestartPolicy, Supervisor, SupervisorArgs, SupervisorMsg};
 use actors::sweeper::SweeperArgs;
 use ractor::rpc::CallResult;
@@ -178,8 +178,8 @@ impl Service {
         let (sink, memory_sink, redis) = connect_sink(&config).await?;
         let max_concurrency = gateway.session_start_limit.max_concurrency.max(1);
         // Only the in-process backend needs to know: etcd keeps an earlier process's locks.
-        let restarted =
-            config.identify.etcd_endpoints.is_none() && ran_before(&config, store.as_ref()).await;
+        let ran_before = mark_shards(&config, store.as_ref()).await;
+        let restarted = config.identify.etcd_endpoints.is_none() && ran_before;
         let backends = Backends::connect(&config, &gateway, local_cursors, restarted).await?;
         let args = supervisor_args(
             &config,
@@ -553,22 +553,41 @@ fn warn_unknown_events(config: &Config) {
     }
 }
 
-/// Returns whether the store contains a record of a shard of this process, which every shard saves
-/// before its first IDENTIFY. A store that cannot be read counts as holding one, so the start
-/// errs on the side of waiting.
-async fn ran_before(config: &Config, store: &dyn StateStore) -> bool {
+/// Returns whether the store contains a record of a shard of this process, and saves a first
+/// record for each shard that has none. Those records, saved before any IDENTIFY, show a
+/// successor that this process ran the shards even if it dies before READY; the successor then
+/// waits out the identify window this process may have opened. A store that cannot be read
+/// counts as holding a record, so the start errs on the side of waiting.
+async fn mark_shards(config: &Config, store: &dyn StateStore) -> bool {
     let process = &config.process;
+    let mut ran_before = false;
+    let mut missing = Vec::new();
     for shard in process.start..process.stop {
         match store.load_shard(shard, &process.name).await {
-            Ok(Some(_)) => return true,
-            Ok(None) => {}
+            Ok(Some(_)) => ran_before = true,
+            Ok(None) => missing.push(shard),
             Err(error) => {
                 tracing::warn!(shard, %error, "failed to read the stored session");
-                return true;
+                ran_before = true;
             }
         }
     }
-    false
+    // Saved together, so that a batching store commits them in one flush.
+    let saves = missing.into_iter().map(|shard| async move {
+        let record = ShardRecord {
+            shard,
+            name: process.name.clone(),
+            seq: 0,
+            session_id: None,
+            resume_url: None,
+            status: ShardStage::Connecting.name().to_owned(),
+        };
+        if let Err(error) = store.save_shard(&record).await {
+            tracing::warn!(shard, %error, "failed to save the first shard record");
+        }
+    });
+    futures_util::future::join_all(saves).await;
+    ran_before
 }
 
 /// The identify backend and the sweep cursor store selected by the configuration.

@@ -85,22 +85,6 @@ impl ShardState {
         args: ShardArgs,
     ) -> Result<Self, ActorProcessingErr> {
         let stored = args.store.load_shard(args.shard, &args.name).await?;
-        if stored.is_none() {
-            // A record saved before the first IDENTIFY shows a successor that this process ran
-            // the shard, even if it dies before READY. The successor then waits out the
-            // identify window this process may have opened.
-            let record = ShardRecord {
-                shard: args.shard,
-                name: args.name.clone(),
-                seq: 0,
-                session_id: None,
-                resume_url: None,
-                status: ShardStage::Connecting.name().to_owned(),
-            };
-            if let Err(error) = args.store.save_shard(&record).await {
-                tracing::warn!(shard = args.shard, %error, "failed to save the first shard record");
-            }
-        }
         let (session, seq) = match stored {
             Some(ShardRecord {
                 session_id: Some(id),
