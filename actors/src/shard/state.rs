@@ -54,8 +54,11 @@ pub struct ShardState {
     pub(crate) authenticated: bool,
     dial: Option<JoinHandle<()>>,
     reconnect_timer: Option<JoinHandle<()>>,
-    /// Consecutive reconnects without reaching READY or RESUMED.
+    /// Consecutive reconnects without a connection that lasted [`STABLE_CONNECTION`] after
+    /// READY or RESUMED.
     attempt: u32,
+    /// When READY or RESUMED arrived on the current connection.
+    connected_at: Option<Instant>,
     pub(crate) permit: Option<Permit>,
     permit_task: Option<JoinHandle<()>>,
     lease_task: Option<JoinHandle<()>>,
@@ -110,6 +113,7 @@ impl ShardState {
             dial: None,
             reconnect_timer: None,
             attempt: 0,
+            connected_at: None,
             permit: None,
             permit_task: None,
             lease_task: None,
@@ -498,7 +502,24 @@ impl ShardState {
     }
 
     fn schedule_reconnect(&mut self) {
+        // Only a connection that lasted starts the backoff over. One that the gateway ends
+        // right after READY or RESUMED, again and again (another process resuming the same
+        // sessions, say), backs off like a failed dial.
+        if self
+            .connected_at
+            .take()
+            .is_some_and(|at| at.elapsed() >= STABLE_CONNECTION)
+        {
+            self.attempt = 0;
+        }
         self.attempt += 1;
+        if self.attempt == FLAPPING_ATTEMPTS {
+            tracing::warn!(
+                shard = self.args.shard,
+                attempts = self.attempt,
+                "shard keeps losing its connection soon after connecting; backing off. If another process runs this shard under the same name, stop one of them"
+            );
+        }
         let delay = if self.attempt == 1 {
             Duration::ZERO
         } else {
@@ -528,11 +549,12 @@ impl ShardState {
         self.save().await;
     }
 
-    /// READY or RESUMED arrived: the reconnect backoff starts over, and the member requests
+    /// READY or RESUMED arrived: the reconnect backoff starts over once this connection has
+    /// lasted [`STABLE_CONNECTION`], and the member requests
     /// still outstanding from an earlier connection go out on this one, each once its guild's
     /// window allows.
     pub(crate) fn connected(&mut self) {
-        self.attempt = 0;
+        self.connected_at = Some(Instant::now());
         self.authenticated = true;
         let outstanding: Vec<u64> = self.outstanding.keys().copied().collect();
         for guild_id in outstanding {
@@ -830,6 +852,13 @@ impl ShardState {
         }
     }
 }
+
+/// How long a connection must stay up after READY or RESUMED for the reconnect backoff to start
+/// over when it ends.
+const STABLE_CONNECTION: Duration = Duration::from_secs(30);
+
+/// Reconnects in a row after which a shard warns that it keeps losing its connection.
+const FLAPPING_ATTEMPTS: u32 = 5;
 
 /// Added to a deferred member request's wait. The gateway times its window from the arrival of
 /// the last request, which comes after the write that the shard records by the transit time.
