@@ -181,7 +181,7 @@ impl Service {
         let ran_before = mark_shards(&config, store.as_ref()).await;
         let restarted = config.identify.etcd_endpoints.is_none() && ran_before;
         let backends = Backends::connect(&config, &gateway, local_cursors, restarted).await?;
-        let args = supervisor_args(
+        let mut args = supervisor_args(
             &config,
             token,
             &gateway,
@@ -189,6 +189,11 @@ impl Service {
             sink.clone(),
             backends,
         );
+        // Discord's member request windows of an earlier process's requests are unknown here.
+        if ran_before {
+            args.shard.member_requests_after =
+                Some(std::time::Instant::now() + config.gateway.member_request_window);
+        }
         let name = names::supervisor(&config.process.name);
         let (supervisor, supervisor_task) = Actor::spawn(Some(name), Supervisor, args)
             .await
@@ -709,6 +714,7 @@ fn supervisor_args(
         },
         invalid_session_wait: gw.invalid_session_wait,
         member_request_window: gw.member_request_window,
+        member_requests_after: None,
         save_every: gw.save_every,
         store,
         sink,

@@ -1052,3 +1052,55 @@ async fn crash_after_identify_keeps_window() {
     second.terminate().await;
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_member_windows() {
+    let db = TestDatabase::create().await;
+    let sim = start_sim(sim_config(TOKEN, 14, 16, 300, 0.0)).await;
+    let dir: TempDir = tempfile::tempdir().expect("failed to create a temporary directory");
+    let config = dir.path().join("service.toml");
+    // A fast sweep, so that the first process requests every guild's members again right away.
+    let text = service_toml(&sim, &db, "").replace(
+        "[sweep]\nenabled = false",
+        "[sweep]\nenabled = true\nrequests_per_second = 50.0",
+    );
+    assert!(
+        text.contains("requests_per_second"),
+        "the sweep settings were not replaced"
+    );
+    std::fs::write(&config, text).expect("failed to write the service configuration");
+    let name = "pg-member-windows";
+
+    let mut first = Process::spawn(&config, dir.path(), name, "first");
+    first.summary().await;
+    let sim_ref = &sim;
+    let swept = poll_until(MEMBERS_LIMIT, || async move {
+        let report = sim_ref.report();
+        report
+            .member_requests
+            .values()
+            .map(|record| record.all_members_requests)
+            .sum::<u64>()
+            > report.member_requests.len() as u64
+    })
+    .await;
+    assert!(
+        swept,
+        "the first process's sweep requested no guild a second time"
+    );
+    first.kill().await;
+
+    let mut second = Process::spawn(&config, dir.path(), name, "second");
+    second.summary().await;
+    // Long enough for the second process's sweep to cover every guild at 50 requests a second.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = sim.report();
+    assert_eq!(
+        report.violation_count(ViolationKind::MemberRequestRateLimited),
+        0,
+        "the second process requested members inside a window the first one opened: {:?}",
+        report.violations
+    );
+    second.terminate().await;
+    sim.shutdown().await;
+}

@@ -25,7 +25,7 @@ use crate::coordinator::{CoordinatorArgs, CoordinatorMsg, IdentifyCoordinator};
 use crate::gate::{GateArgs, GateMsg, StabilizeGate};
 use crate::names;
 use crate::shard::{ShardActor, ShardArgs, ShardMsg, ShardStage};
-use crate::sweeper::{Sweeper, SweeperArgs};
+use crate::sweeper::{Sweeper, SweeperArgs, SweeperMsg};
 
 /// When the Supervisor stops restarting.
 #[derive(Clone, Debug)]
@@ -459,6 +459,16 @@ impl SupervisorState {
         self.shutting_down = true;
         for timer in self.timers.drain(..) {
             timer.abort();
+        }
+        // The Sweeper goes first and saves its cursor, so the next process does not request
+        // again the guilds this one swept last.
+        if let Some(sweeper) = names::lookup::<SweeperMsg>(&names::sweeper(&self.args.shard.name)) {
+            let stopped = sweeper
+                .stop_and_wait(Some("shutdown".to_owned()), Some(Duration::from_secs(5)))
+                .await;
+            if let Err(error) = stopped {
+                tracing::warn!(%error, "sweeper did not stop in time; its cursor may lag");
+            }
         }
         let actors: Vec<(u32, ActorRef<ShardMsg>)> = self
             .slots

@@ -105,6 +105,10 @@ pub struct ShardArgs {
     /// Discord's window for all-members requests of one guild (30 s); a second request inside
     /// it is deferred until the window has passed.
     pub member_request_window: Duration,
+    /// No member request goes out before this. A process that follows another one of the same
+    /// shards cannot know which guilds that one requested within the window, so it waits one
+    /// window.
+    pub member_requests_after: Option<std::time::Instant>,
     /// Save the session every this many dispatches (and on every stage change).
     pub save_every: u64,
     pub store: Arc<dyn StateStore>,

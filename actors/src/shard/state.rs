@@ -719,9 +719,19 @@ impl ShardState {
     /// Returns how long a new request for a guild must wait for Discord's member request
     /// window, timed from the last request written, or `None` if it may go now.
     fn window_wait(&self, guild_id: u64) -> Option<Duration> {
-        let since = self.last_requested.get(&guild_id)?.elapsed();
         let window = self.args.member_request_window;
-        (since < window).then(|| window - since + DEFER_MARGIN)
+        let guild = self
+            .last_requested
+            .get(&guild_id)
+            .map(Instant::elapsed)
+            .filter(|since| *since < window)
+            .map(|since| window - since + DEFER_MARGIN);
+        let process = self
+            .args
+            .member_requests_after
+            .and_then(|after| after.checked_duration_since(Instant::now()))
+            .map(|wait| wait + DEFER_MARGIN);
+        guild.max(process)
     }
 
     /// Sends a request again after `wait`, unless one for the guild is already deferred.
