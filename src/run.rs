@@ -52,6 +52,8 @@ pub enum RunError {
     GatewayBot { url: String, reason: String },
     #[error("the actor tree failed to start: {0}")]
     Spawn(String),
+    #[error("failed to claim this process's shards in PostgreSQL: {0}")]
+    Claim(#[from] crate::adapters::postgres::ClaimError),
     #[error("failed to connect to {what}: {source}")]
     Backend {
         what: &'static str,
@@ -126,6 +128,8 @@ pub struct Service {
     pub memory_store: Option<Arc<MemoryStore>>,
     /// The PostgreSQL store, when it is the configured one; shutdown commits its queue.
     postgres: Option<Arc<PostgresStore>>,
+    /// This process's claim on its shards in PostgreSQL, released when the service is dropped.
+    _claim: Option<crate::adapters::postgres::ShardClaim>,
     /// The sink the shards push to: the configured output behind the global whitelist.
     pub sink: Arc<CountedSink>,
     /// The in-memory output, when it is the configured one.
@@ -169,6 +173,18 @@ impl Service {
         );
 
         let (store, memory_store, postgres) = connect_store(&config).await?;
+        // Two processes of one name and range would resume each other's sessions in a loop.
+        let claim = match &postgres {
+            Some(postgres) => {
+                let process = &config.process;
+                Some(
+                    postgres
+                        .claim_shards(&process.name, process.start..process.stop)
+                        .await?,
+                )
+            }
+            None => None,
+        };
         // Sweep cursors live in etcd with the etcd backend, else in PostgreSQL when it is the
         // store, else in memory.
         let local_cursors: Arc<dyn CursorStore> = match &postgres {
@@ -218,6 +234,7 @@ impl Service {
             store,
             memory_store,
             postgres,
+            _claim: claim,
             sink,
             memory_sink,
             redis,

@@ -1465,3 +1465,40 @@ async fn sweep_cursor_survives_restart() {
     assert!(too_large.is_err(), "a cursor beyond int8 was accepted");
     store.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_claims_exclude_overlap() {
+    let db = TestDatabase::create().await;
+    let first = connect(options(db.url())).await;
+    let second = connect(options(db.url())).await;
+
+    let claim = first
+        .claim_shards("bot", 0..4)
+        .await
+        .expect("the first claim failed");
+    let overlap = second.claim_shards("bot", 2..6).await;
+    assert!(
+        matches!(
+            overlap,
+            Err(shardvisor::adapters::postgres::ClaimError::Taken { shard: 2, .. })
+        ),
+        "an overlapping range of the same name was claimed: {:?}",
+        overlap.err()
+    );
+    let disjoint = second.claim_shards("bot", 4..8).await;
+    assert!(disjoint.is_ok(), "a disjoint range was refused");
+    let other_name = second.claim_shards("other-bot", 0..4).await;
+    assert!(
+        other_name.is_ok(),
+        "the same range of another name was refused"
+    );
+
+    drop(claim);
+    let after_release = second.claim_shards("bot", 0..2).await;
+    assert!(
+        after_release.is_ok(),
+        "the range was refused after its claim was dropped"
+    );
+    first.close().await;
+    second.close().await;
+}

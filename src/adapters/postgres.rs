@@ -383,6 +383,70 @@ impl StateStore for PostgresStore {
     }
 }
 
+/// How long [`PostgresStore::claim_shards`] waits for a shard another connection holds.
+const CLAIM_WAIT: Duration = Duration::from_secs(5);
+
+/// The shards of one process name claimed in PostgreSQL: one session-level advisory lock per
+/// `(name, shard)`, held on a connection of its own until this value is dropped or the
+/// connection breaks.
+pub struct ShardClaim {
+    _client: Client,
+}
+
+impl PostgresStore {
+    /// Claims `shards` under `name`, so that a second process started with the same name and an
+    /// overlapping range stops at start instead of resuming the same sessions as this one.
+    ///
+    /// # Errors
+    ///
+    /// [`ClaimError::Taken`] names the first shard another process holds.
+    pub async fn claim_shards(
+        &self,
+        name: &str,
+        shards: std::ops::Range<u32>,
+    ) -> Result<ShardClaim, ClaimError> {
+        let client = connect(&self.reader.config).await?;
+        // A predecessor killed a moment ago holds its locks until the server notices that its
+        // connection closed.
+        let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
+        for shard in shards {
+            let shard_key = i32::try_from(shard).unwrap_or(i32::MAX);
+            loop {
+                let row = client
+                    .query_one(
+                        "SELECT pg_try_advisory_lock(hashtext('shardvisor:' || $1), $2)",
+                        &[&name, &shard_key],
+                    )
+                    .await
+                    .map_err(|source| PostgresError::Query {
+                        operation: "claiming the shards",
+                        source,
+                    })?;
+                if row.get::<_, bool>(0) {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ClaimError::Taken {
+                        name: name.to_owned(),
+                        shard,
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(ShardClaim { _client: client })
+    }
+}
+
+/// A failed [`PostgresStore::claim_shards`].
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error("shard {shard} of process name {name:?} is run by another process that uses this database; stop it, or give this process another --name or a disjoint --start/--stop range")]
+    Taken { name: String, shard: u32 },
+    #[error(transparent)]
+    Postgres(#[from] PostgresError),
+}
+
 /// Sweep cursors in the `sweep_cursors` table, so a restarted process goes on where its Sweeper
 /// stopped. They are written on the read connection: a cursor needs no batching.
 #[async_trait]
