@@ -549,8 +549,8 @@ async fn connect_sink(
     ))
 }
 
-/// Logs a warning for each whitelisted event name that is not a Discord gateway event this
-/// version knows: most likely a typo, which would keep that event from ever being pushed.
+/// Logs a warning for each whitelisted event name missing from the gateway event list. Such a
+/// name is most likely a typo, which would keep that event from ever being pushed.
 fn warn_unknown_events(config: &Config) {
     let global = config
         .events
@@ -569,7 +569,7 @@ fn warn_unknown_events(config: &Config) {
             tracing::warn!(
                 key,
                 event = %name,
-                "not a gateway event name this version knows; check the spelling, or ignore this for an event Discord added recently"
+                "unknown gateway event name; check the spelling, or ignore this for an event Discord added recently"
             );
         }
     }

@@ -544,6 +544,18 @@ impl Process {
         }
     }
 
+    /// Waits for the summary line and checks that every shard of the bot became steady.
+    async fn wait_all_ready(&mut self) {
+        let summary = self.summary().await;
+        assert_eq!(
+            summary.get("ready").map(String::as_str),
+            Some(SHARDS.to_string().as_str()),
+            "the {} process did not bring every shard up: {summary:?}\n{}",
+            self.label,
+            self.stderr_tail()
+        );
+    }
+
     /// Sends SIGKILL, as a crash would, and waits until the process is gone.
     async fn kill(&mut self) {
         self.child
@@ -674,13 +686,7 @@ async fn killed_process_resumes_sessions() {
     let client = db.client().await;
 
     let mut first = Process::spawn(&config, dir.path(), name, "first");
-    let summary = first.summary().await;
-    assert_eq!(
-        summary.get("ready").map(String::as_str),
-        Some("4"),
-        "the first process did not bring every shard up: {summary:?}\n{}",
-        first.stderr_tail()
-    );
+    first.wait_all_ready().await;
 
     let report = sim.report();
     let sessions = sessions_by_shard(&report);
@@ -750,13 +756,7 @@ async fn killed_process_resumes_sessions() {
     wait_for_traffic(&sim, &down_targets, "the events sent while no process ran").await;
 
     let mut second = Process::spawn(&config, dir.path(), name, "second");
-    let summary = second.summary().await;
-    assert_eq!(
-        summary.get("ready").map(String::as_str),
-        Some("4"),
-        "the second process did not bring every shard up: {summary:?}\n{}",
-        second.stderr_tail()
-    );
+    second.wait_all_ready().await;
 
     let resumed = sim.report();
     assert_eq!(
@@ -1031,13 +1031,7 @@ async fn crash_after_identify_keeps_window() {
     first.kill().await;
 
     let mut second = Process::spawn(&config, dir.path(), name, "second");
-    let summary = second.summary().await;
-    assert_eq!(
-        summary.get("ready").map(String::as_str),
-        Some("4"),
-        "the second process did not bring every shard up: {summary:?}\n{}",
-        second.stderr_tail()
-    );
+    second.wait_all_ready().await;
     let report = sim.report();
     assert!(
         report.accepted_identifies() > SHARDS as usize,
@@ -1072,7 +1066,7 @@ async fn restart_keeps_member_windows() {
     let name = "pg-member-windows";
 
     let mut first = Process::spawn(&config, dir.path(), name, "first");
-    first.summary().await;
+    first.wait_all_ready().await;
     let sim_ref = &sim;
     let swept = poll_until(MEMBERS_LIMIT, || async move {
         let report = sim_ref.report();
@@ -1091,7 +1085,7 @@ async fn restart_keeps_member_windows() {
     first.kill().await;
 
     let mut second = Process::spawn(&config, dir.path(), name, "second");
-    second.summary().await;
+    second.wait_all_ready().await;
     // Long enough for the second process's sweep to cover every guild at 50 requests a second.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let report = sim.report();

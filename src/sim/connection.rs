@@ -688,8 +688,8 @@ impl Connection {
         ControlFlow::Break(self.close(code.0, reason.to_owned()).await)
     }
 
-    /// Records the end, detaches the session and forgets the connection. Dropping `self` stops
-    /// the writer and closes the socket.
+    /// Records the end, detaches the session and removes the connection from the registry.
+    /// Dropping `self` stops the writer and closes the socket.
     fn finish(self, end: ConnectionEnd) {
         let closed_at_ms = self.shared.recorder.now_ms();
         self.shared.recorder.with_connection(self.id, |record| {

@@ -549,8 +549,8 @@ impl ShardState {
         self.save().await;
     }
 
-    /// READY or RESUMED arrived: the reconnect backoff starts over once this connection has
-    /// lasted [`STABLE_CONNECTION`], and the member requests
+    /// Marks the connection as established at READY or RESUMED. The reconnect backoff starts
+    /// over once it has lasted [`STABLE_CONNECTION`], and the member requests
     /// still outstanding from an earlier connection go out on this one, each once its guild's
     /// window allows.
     pub(crate) fn connected(&mut self) {
